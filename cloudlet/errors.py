@@ -55,3 +55,15 @@ class HypervisorError(CloudletError):
 
 class GuestTimeout(HypervisorError):
     """The guest did not reach the expected state within the allowed time."""
+
+
+class BaseExists(BaseVMError):
+    """A base VM with the same id (the same contents) is already registered."""
+
+
+class AmbiguousBase(BaseVMError):
+    """A name or id prefix matches more than one registered base VM."""
+
+
+class ImageError(CloudletError):
+    """A disk or memory image is unreadable, shorter than expected, or laid out unexpectedly."""

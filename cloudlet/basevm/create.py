@@ -1,0 +1,135 @@
+"""Create a base VM: boot a disk, wait for the guest to be ready, save disk + memory, register."""
+
+import json
+import logging
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloudlet.basevm.store import BaseStore, BaseVM
+from cloudlet.errors import BaseVMError
+from cloudlet.hashing import file_sha256
+from cloudlet.home import CloudletHome
+from cloudlet.hypervisor.config import VMConfig, resolve_machine
+from cloudlet.hypervisor.qemu import Forward, LaunchSpec, QemuVM
+from cloudlet.memory.stream import parse_stream
+from cloudlet.stats import Stats
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Readiness:
+    """How to tell the freshly booted guest is at the point to snapshot."""
+
+    marker: str | None = None  # text the guest prints on its serial console
+    port: int | None = None  # a forwarded host port that starts answering
+    wait_for_user: Callable[[], None] | None = None  # a human says when (e.g. over VNC)
+    timeout: float = 300.0
+
+
+@dataclass
+class BaseSpec:
+    disk: Path
+    name: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    cpu: str = "qemu64"
+    machine: str = "pc"
+    nic_model: str = "e1000"
+    balloon: bool = True
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    forwards: list[Forward] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+    vnc: str | None = None
+
+
+def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Stats) -> BaseVM:
+    """Boot `spec.disk`, snapshot the running guest and register it as a base VM."""
+    if not spec.disk.is_file():
+        raise BaseVMError(f"disk image {spec.disk} does not exist")
+    for p in (spec.kernel, spec.initrd):
+        if p is not None and not p.is_file():
+            raise BaseVMError(f"{p} does not exist")
+    staging = home.tmp / f"base-{uuid.uuid4().hex}"
+    staging.mkdir(mode=0o700)
+    run_dir = home.new_run_dir("base")
+    try:
+        with stats.stage("copy disk"):
+            _import_disk(spec.disk, staging / "disk.raw")
+        kernel_sha = initrd_sha = None
+        if spec.kernel:
+            shutil.copyfile(spec.kernel, staging / "kernel")
+            kernel_sha = file_sha256(staging / "kernel")
+        if spec.initrd:
+            shutil.copyfile(spec.initrd, staging / "initrd")
+            initrd_sha = file_sha256(staging / "initrd")
+        config = VMConfig(
+            machine=resolve_machine(spec.machine),
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            cpu=spec.cpu,
+            disk_bus="virtio",
+            nic_model=spec.nic_model,
+            balloon=spec.balloon,
+            kernel_sha256=kernel_sha,
+            initrd_sha256=initrd_sha,
+            append=spec.append,
+        )
+        (staging / "vm-config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        launch = LaunchSpec(
+            config=config,
+            disk=staging / "disk.raw",
+            disk_format="raw",
+            run_dir=run_dir,
+            kernel=staging / "kernel" if spec.kernel else None,
+            initrd=staging / "initrd" if spec.initrd else None,
+            forwards=spec.forwards,
+            extra_args=spec.extra_args,
+            vnc=spec.vnc,
+        )
+        stream = run_dir / "memory.stream"
+        with QemuVM.launch(launch) as vm:
+            with stats.stage("boot until ready"):
+                if ready.wait_for_user:
+                    ready.wait_for_user()
+                else:
+                    vm.wait_ready(marker=ready.marker, port=ready.port, timeout=ready.timeout)
+            with stats.stage("save memory"):
+                vm.save_memory(stream, timeout=ready.timeout)
+            vm.quit(timeout=30)
+        with stats.stage("parse memory", stream.stat().st_size), open(stream, "rb") as src:
+            layout = parse_stream(src, staging / "memory.img")
+        (staging / "memory.layout").write_bytes(layout.to_bytes())
+        stream.unlink()
+        with stats.stage("index + register"):
+            base = BaseStore(home).add_from_directory(staging, spec.name)
+        stats.counters["memory size"] = layout.size
+        stats.counters["disk size"] = base.disk_size
+        return base
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _import_disk(src: Path, dest: Path) -> None:
+    """The base keeps a raw disk: copy raw sparsely, convert anything else with qemu-img."""
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", str(src)],
+        capture_output=True, text=True, timeout=60,
+    )
+    if info.returncode != 0:
+        raise BaseVMError(f"{src} is not a disk image qemu-img can read: {info.stderr.strip()}")
+    fmt = json.loads(info.stdout)["format"]
+    if fmt == "raw":
+        cmd = ["cp", "--sparse=always", "--reflink=auto", str(src), str(dest)]
+    else:
+        cmd = ["qemu-img", "convert", "-O", "raw", "-f", fmt, str(src), str(dest)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise BaseVMError(f"cannot copy {src}: {done.stderr.strip()}")

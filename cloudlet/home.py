@@ -1,0 +1,87 @@
+"""$CLOUDLET_HOME: where one machine keeps its base VMs, overlays, VM run directories and registry.
+
+Everything lives under one private directory (0700) so that staging directories in `tmp/` share
+a filesystem with `bases/`: a finished base is published with one atomic rename.
+"""
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "CLOUDLET_HOME"
+DEFAULT_HOME = "~/.cloudlet"
+_MODE = 0o700
+
+
+class CloudletHome:
+    """The directory layout under $CLOUDLET_HOME (default ~/.cloudlet), created on first use.
+
+    path/
+      registry.sqlite   the base-VM registry (cloudlet.basevm.store)
+      bases/<id>/       one directory per registered base VM
+      overlays/         overlays made or fetched on this machine
+      runs/             one directory per running VM (sockets, COW disks, logs)
+      tmp/              staging for imports and captures; same filesystem as bases/
+    """
+
+    def __init__(self, path: Path | str | None = None) -> None:
+        if path is None:
+            path = os.environ.get(ENV_VAR) or DEFAULT_HOME
+        self.path = Path(path).expanduser().absolute()
+        for d in (self.path, self.bases, self.overlays, self.runs, self.tmp):
+            _make_private_dir(d)
+
+    def __repr__(self) -> str:
+        return f"CloudletHome({str(self.path)!r})"
+
+    @property
+    def root(self) -> Path:
+        return self.path
+
+    @property
+    def bases(self) -> Path:
+        return self.path / "bases"
+
+    @property
+    def overlays(self) -> Path:
+        return self.path / "overlays"
+
+    @property
+    def runs(self) -> Path:
+        return self.path / "runs"
+
+    @property
+    def tmp(self) -> Path:
+        return self.path / "tmp"
+
+    @property
+    def registry(self) -> Path:
+        return self.path / "registry.sqlite"
+
+    def base_dir(self, base_id: str) -> Path:
+        return self.bases / base_id
+
+    def make_staging_dir(self, prefix: str = "staging-") -> Path:
+        """A fresh private directory under tmp/, renameable into bases/ atomically."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp))
+
+    def new_run_dir(self, prefix: str) -> Path:
+        """A fresh private directory under runs/ for one VM (sockets, COW disk, logs)."""
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.runs))
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create `path` with mode 0700; tighten an existing directory we own that is more open."""
+    try:
+        path.mkdir(mode=_MODE, parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a directory should be
+        raise NotADirectoryError(f"{path} exists and is not a directory") from e
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        log.info("tightening permissions of %s to 0700", path)
+        path.chmod(_MODE)

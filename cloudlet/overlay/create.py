@@ -1,0 +1,157 @@
+"""Capture an overlay: resume a base, customise it, then keep only what changed, deduplicated."""
+
+import json
+import logging
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cloudlet.basevm.store import BaseVM
+from cloudlet.chunks import Kind, Target
+from cloudlet.dedup import Deduplicator
+from cloudlet.diff import ChangedBatch, changed_chunks
+from cloudlet.disk import changed_disk_chunks, virtual_size
+from cloudlet.errors import ConfigMismatch, HypervisorError
+from cloudlet.hashing import window_digests, tree_digest, ZERO_CHUNK_DIGEST
+from cloudlet.home import CloudletHome
+from cloudlet.hypervisor.config import VMConfig
+from cloudlet.hypervisor.qemu import Forward, QemuVM
+from cloudlet.index import ChunkIndex
+from cloudlet.memory.stream import MemoryLayout, parse_stream
+from cloudlet.overlay.writer import OverlayInfo, OverlayWriter
+from cloudlet.stats import Stats
+from cloudlet.vm import resume_vm
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Customisation:
+    """What happens to the resumed base before capture."""
+
+    script: str | None = None  # shell text run in the guest over its serial console
+    wait_for_user: Callable[[QemuVM], None] | None = None  # a human customises, then says so
+    timeout: float = 600.0
+
+
+@dataclass
+class OverlaySpec:
+    output: Path
+    codec: str = "zstd"
+    level: int | None = None
+    forwards: list[Forward] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+    vnc: str | None = None
+
+
+def create_overlay(
+    home: CloudletHome, base: BaseVM, spec: OverlaySpec, custom: Customisation, stats: Stats
+) -> OverlayInfo:
+    config = VMConfig.from_dict(base.config)
+    run_dir = home.new_run_dir("overlay")
+    try:
+        disk = run_dir / "disk.qcow2"
+        _cow_disk(base.disk_path, disk)
+        layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
+        vm = resume_vm(
+            config, disk=disk, disk_format="qcow2", memory_image=base.memory_path, layout=layout,
+            run_dir=run_dir, kernel=base.kernel_path, initrd=base.initrd_path,
+            forwards=spec.forwards, extra_args=spec.extra_args, vnc=spec.vnc,
+            stats=stats, timeout=custom.timeout,
+        )
+        stream = run_dir / "memory.stream"
+        with vm:
+            with stats.stage("customise"):
+                if custom.script is not None:
+                    output = vm.run_in_guest(custom.script, timeout=custom.timeout)
+                    LOG.info("customisation script output:\n%s", output)
+                if custom.wait_for_user is not None:
+                    custom.wait_for_user(vm)
+            with stats.stage("save memory"):
+                vm.save_memory(stream, timeout=custom.timeout)
+            vm.quit(timeout=30)
+        memory = run_dir / "memory.img"
+        with stats.stage("parse memory", stream.stat().st_size), open(stream, "rb") as src:
+            custom_layout = parse_stream(src, memory)
+        stream.unlink()
+        if not custom_layout.ram_compatible(layout):
+            raise ConfigMismatch("the customised VM's RAM blocks differ from the base's")
+        return _write_overlay(base, config, memory, custom_layout, disk, spec, stats)
+    except HypervisorError:
+        LOG.error("QEMU logs are in %s", run_dir)
+        raise
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _cow_disk(base_disk: Path, dest: Path) -> None:
+    """A qcow2 over the base disk: the guest's writes land in it, the base is never modified."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base_disk.resolve()), "-F", "raw",
+         str(dest)],
+        check=True, capture_output=True, timeout=60,
+    )
+
+
+class _ImageDigests:
+    """Digest array of a result image: the base's, with the modified chunks replaced."""
+
+    def __init__(self, base: ChunkIndex, result_size: int) -> None:
+        n = (result_size + 4095) // 4096
+        self.digests = np.empty((n, 32), dtype=np.uint8)
+        m = min(n, len(base.digests))
+        self.digests[:m] = base.digests[:m]
+        self.digests[m:] = np.frombuffer(ZERO_CHUNK_DIGEST, dtype=np.uint8)
+
+    def update(self, batch: ChangedBatch) -> None:
+        self.digests[batch.chunks] = window_digests(batch.data)
+
+
+def _write_overlay(
+    base: BaseVM, config: VMConfig, memory: Path, layout: MemoryLayout, disk: Path,
+    spec: OverlaySpec, stats: Stats,
+) -> OverlayInfo:
+    mem_index = ChunkIndex.load(base.path, "memory")
+    disk_index = ChunkIndex.load(base.path, "disk")
+    dedup = Deduplicator(mem_index, disk_index, base.memory_path, base.disk_path)
+    disk_size = virtual_size(disk)
+    slots: dict[tuple[int, int], int] = {}
+    with OverlayWriter(spec.output, base.id, codec=spec.codec, level=spec.level) as writer:
+        for target, batches, index, size in (
+            (Target.MEMORY, lambda: changed_chunks(base.memory_path, memory, layout.size),
+             mem_index, layout.size),
+            (Target.DISK, lambda: changed_disk_chunks(base.disk_path, disk), disk_index,
+             disk_size),
+        ):
+            digests = _ImageDigests(index, size)
+            with stats.stage(f"diff + dedup {target.name.lower()}"):
+                for batch in batches():
+                    digests.update(batch)
+                    _add_batch(writer, dedup, target, batch, slots)
+            writer.set_image(target, size, tree_digest(digests.digests))
+        writer.add_blob("memory-layout", layout.to_bytes())
+        writer.add_blob("vm-config", json.dumps(config.to_dict(), sort_keys=True).encode())
+        for kind, count in dedup.stats.items():
+            stats.counters[f"chunks {kind}"] = count
+        writer.set_meta({"stats": stats.as_dict()})
+        with stats.stage("compress + write"):
+            info = writer.close()
+    stats.counters["overlay size"] = spec.output.stat().st_size
+    return info
+
+
+def _add_batch(writer: OverlayWriter, dedup: Deduplicator, target: Target, batch: ChangedBatch,
+               slots: dict[tuple[int, int], int]) -> None:
+    view = memoryview(batch.data)
+    for i, (kind, ref) in enumerate(dedup.classify(target, batch)):
+        chunk = int(batch.chunks[i])
+        if kind is Kind.NEW:
+            slots[(target, chunk)] = writer.add_new(target, chunk, view[i * 4096:(i + 1) * 4096])
+        elif kind is Kind.SELF:
+            writer.add_ref(target, chunk, Kind.SELF, slots[ref])
+        else:
+            writer.add_ref(target, chunk, kind, ref)

@@ -1,0 +1,104 @@
+"""Per-stage timings and byte counts, and a live progress line for long stages."""
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TextIO
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float = 0.0
+    bytes: int = 0
+
+
+@dataclass
+class Stats:
+    """Ordered stage timings plus free-form counters, printed by the CLI and kept in overlays."""
+
+    stages: dict[str, Stage] = field(default_factory=dict)
+    counters: dict[str, int | float | str] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str, nbytes: int = 0) -> Iterator[Stage]:
+        st = self.stages.setdefault(name, Stage(name))
+        start = time.monotonic()
+        try:
+            yield st
+        finally:
+            st.seconds += time.monotonic() - start
+            st.bytes += nbytes
+
+    def total_seconds(self) -> float:
+        return sum(s.seconds for s in self.stages.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "stages": {k: {"seconds": round(s.seconds, 4), "bytes": s.bytes} for k, s in self.stages.items()},
+            "counters": dict(self.counters),
+        }
+
+    def render(self) -> str:
+        width = max([len(n) for n in self.stages] + [len(n) for n in self.counters] + [5])
+        lines = []
+        for s in self.stages.values():
+            extra = f"  {human_bytes(s.bytes):>10}" if s.bytes else ""
+            lines.append(f"  {s.name:<{width}}  {s.seconds:8.2f} s{extra}")
+        lines.append(f"  {'total':<{width}}  {self.total_seconds():8.2f} s")
+        for k, v in self.counters.items():
+            lines.append(f"  {k:<{width}}  {v}")
+        return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class Progress:
+    """A live `stage: 42% 12.0/28.5 MiB` line on a terminal; sparse plain lines otherwise.
+
+    Callable with the number of bytes done so far, so engine functions take it as a plain
+    `progress(done)` callback and never know about terminals.
+    """
+
+    def __init__(self, label: str, total: int | None, out: TextIO | None = None,
+                 interval: float = 0.2) -> None:
+        self.label = label
+        self.total = total
+        self.out = out or sys.stderr
+        self.tty = self.out.isatty()
+        self.interval = interval if self.tty else 10.0
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._done = 0
+
+    def __call__(self, done: int) -> None:
+        self._done = done
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._emit(final=False)
+
+    def _emit(self, final: bool) -> None:
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = f"{human_bytes(self._done / elapsed)}/s"
+        if self.total:
+            pct = min(100.0, 100.0 * self._done / self.total)
+            text = f"{self.label}: {pct:5.1f}% {human_bytes(self._done)}/{human_bytes(self.total)} {rate}"
+        else:
+            text = f"{self.label}: {human_bytes(self._done)} {rate}"
+        if self.tty:
+            self.out.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def done(self) -> None:
+        self._emit(final=True)
