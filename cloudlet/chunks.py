@@ -18,7 +18,7 @@ class Kind(enum.IntEnum):
     ZERO = 0  # all zero bytes
     BASE_MEMORY = 1  # same bytes as chunk `ref` of the base memory image
     BASE_DISK = 2  # same bytes as chunk `ref` of the base disk image
-    SELF = 3  # same bytes as an earlier chunk of this overlay (payload slot `ref`)
+    SELF = 3  # same bytes as an earlier chunk of this overlay (in the file: its payload slot)
     NEW = 4  # payload stored in the overlay (payload slot `ref`)
 
 

@@ -67,3 +67,12 @@ class AmbiguousBase(BaseVMError):
 
 class ImageError(CloudletError):
     """A disk or memory image is unreadable, shorter than expected, or laid out unexpectedly."""
+
+
+class GuestCommandFailed(HypervisorError):
+    """A shell command run in the guest (over its serial console) exited non-zero."""
+
+    def __init__(self, message: str, returncode: int, output: str) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.output = output
