@@ -41,7 +41,9 @@ class VMConfig:
         if self.memory_mib <= 0 or self.vcpus <= 0:
             raise ValueError(f"memory_mib and vcpus must be positive: {self}")
         if self.initrd_sha256 is not None and self.kernel_sha256 is None:
-            raise ValueError("initrd_sha256 is set but kernel_sha256 is not (initrd needs a kernel)")
+            raise ValueError(
+                "initrd_sha256 is set but kernel_sha256 is not (initrd needs a kernel)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -93,7 +93,7 @@ class QMPClient:
             else:
                 self._sock.sendall(data)
         except OSError as exc:
-            raise HypervisorError(f"QMP {command}: cannot send to {self.path}: {exc}") from exc
+            raise QMPConnectionLost(f"QMP {command}: cannot send to {self.path}: {exc}") from exc
         while True:
             reply = self._read_message(deadline, what=command)
             if reply.get("id") != msg_id:
@@ -154,10 +154,14 @@ class QMPClient:
             except TimeoutError as exc:
                 raise _Timeout(f"QMP {self.path}: no reply to {what} in time") from exc
             except OSError as exc:
-                raise HypervisorError(f"QMP {self.path}: connection failed: {exc}") from exc
+                raise QMPConnectionLost(f"QMP {self.path}: connection failed: {exc}") from exc
             if not chunk:
-                raise HypervisorError(f"QMP {self.path}: QEMU closed the connection ({what})")
+                raise QMPConnectionLost(f"QMP {self.path}: QEMU closed the connection ({what})")
             self._buf += chunk
+
+
+class QMPConnectionLost(HypervisorError):
+    """The QMP socket closed or failed: QEMU is most likely exiting."""
 
 
 class _Timeout(HypervisorError):
