@@ -35,14 +35,21 @@ class ZstdCodec(Codec):
 
     def decompress(self, data: bytes | memoryview, raw_size: int) -> bytes:
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(bytes(data))
-            with reader:
-                out = reader.read(raw_size + 1) if raw_size >= 0 else b""
-                while len(out) <= raw_size:
-                    more = reader.read(raw_size + 1 - len(out))
-                    if not more:
-                        break
-                    out += more
+            declared = zstandard.frame_content_size(data)
+            if declared > raw_size:
+                raise CorruptOverlay(
+                    f"zstd block declares {declared} bytes, more than the {raw_size} expected"
+                )
+            if declared >= 0:  # zstd itself refuses output beyond the declared content size
+                out = zstandard.ZstdDecompressor().decompress(data)
+            else:  # no size in the frame header: read at most one byte past the bound
+                with zstandard.ZstdDecompressor().stream_reader(bytes(data)) as reader:
+                    out = b""
+                    while len(out) <= raw_size:
+                        more = reader.read(raw_size + 1 - len(out))
+                        if not more:
+                            break
+                        out += more
         except zstandard.ZstdError as e:
             raise CorruptOverlay(f"zstd block does not decode: {e}") from e
         if len(out) > raw_size:
