@@ -79,7 +79,7 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
 
 def _describe(b: BaseVM) -> dict:
     return {
-        "id": b.id, "name": b.name, "created": b.created, "disk_size": b.disk_size,
+        "id": b.id, "name": b.name, "created": b.created.isoformat(), "disk_size": b.disk_size,
         "memory_size": b.memory_size, "config": b.config, "path": str(b.path),
     }
 
@@ -92,7 +92,7 @@ def _list(home: CloudletHome, args: argparse.Namespace) -> int:
     print(f"{'ID':<16} {'NAME':<20} {'DISK':>10} {'MEMORY':>10} CREATED")
     for b in bases:
         print(f"{b.id[:16]:<16} {b.name[:20]:<20} {human_bytes(b.disk_size):>10} "
-              f"{human_bytes(b.memory_size):>10} {b.created}")
+              f"{human_bytes(b.memory_size):>10} {b.created:%Y-%m-%d %H:%M}")
     return 0
 
 
@@ -128,7 +128,11 @@ def _export(home: CloudletHome, args: argparse.Namespace) -> int:
 
 def _import(home: CloudletHome, args: argparse.Namespace) -> int:
     progress = Progress("import", args.file.stat().st_size if args.file.exists() else None)
-    base = import_base(home, args.file, progress=progress)
+    result = import_base(home, args.file, progress=progress)
     progress.done()
-    print(f"imported base VM {base.id} ({base.name})")
+    base = result.base
+    if result.already_present:
+        print(f"base VM {base.id} ({base.name}) is already present")
+    else:
+        print(f"imported base VM {base.id} ({base.name})")
     return 0
