@@ -1,0 +1,454 @@
+"""QEMU migration stream parser and emitter on crafted streams, and the libvirt container."""
+
+import io
+import os
+import random
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from cloudlet.errors import MemoryStreamError
+from cloudlet.memory import libvirt
+from cloudlet.memory.stream import (
+    PAGE_SIZE,
+    RAM_SAVE_FLAG_COMPRESS_PAGE,
+    RAM_SAVE_FLAG_CONTINUE,
+    RAM_SAVE_FLAG_EOS,
+    RAM_SAVE_FLAG_FULL,
+    RAM_SAVE_FLAG_HOOK,
+    RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_ZERO,
+    MemoryLayout,
+    RamBlock,
+    emit_stream,
+    open_snapshot,
+    parse_stream,
+)
+
+SID = 2
+MACHINE = b"pc-i440fx-7.2"
+BLOCKS = [("pc.ram", 8 * PAGE_SIZE), ("pc.bios", 2 * PAGE_SIZE)]
+
+
+def be32(v: int) -> bytes:
+    return struct.pack(">I", v)
+
+
+def be64(v: int) -> bytes:
+    return struct.pack(">Q", v)
+
+
+def str8(s: str) -> bytes:
+    return bytes([len(s)]) + s.encode()
+
+
+def footer(sid: int = SID) -> bytes:
+    return b"\x7e" + be32(sid)
+
+
+def page(fill: int) -> bytes:
+    return bytes([fill]) * PAGE_SIZE
+
+
+def rec(addr: int, flags: int, block: str | None = None, payload: bytes = b"") -> bytes:
+    """One RAM record; `block` names the block (omit it with CONTINUE)."""
+    return be64(addr | flags) + (str8(block) if block else b"") + payload
+
+
+HEAD = b"QEVM" + be32(3) + b"\x07" + be32(len(MACHINE)) + MACHINE
+EOS = be64(RAM_SAVE_FLAG_EOS)
+# A device section and EOF as QEMU writes after the ram END section (copied verbatim).
+TAIL = b"\x04" + be32(3) + str8("timer") + be32(0) + be32(2) + bytes(range(17)) + footer(3) + b"\0"
+
+
+def start_section(blocks=BLOCKS, name: str = "ram") -> bytes:
+    body = be64(sum(n for _, n in blocks) | RAM_SAVE_FLAG_MEM_SIZE)
+    body += b"".join(str8(b) + be64(n) for b, n in blocks)
+    return b"\x01" + be32(SID) + str8(name) + be32(0) + be32(4) + body + EOS + footer()
+
+
+def section(records: bytes, kind: int = 0x02) -> bytes:
+    return bytes([kind]) + be32(SID) + records + EOS + footer()
+
+
+def stream(*parts: bytes, head: bytes = HEAD, tail: bytes = TAIL) -> bytes:
+    """HEAD, ram START, the given PART sections, an empty ram END, TAIL."""
+    return head + start_section() + b"".join(parts) + section(b"", 0x03) + tail
+
+
+def parse(data: bytes, tmp_path: Path, name: str = "mem.img") -> tuple[MemoryLayout, bytes]:
+    image = tmp_path / name
+    layout = parse_stream(io.BytesIO(data), image)
+    return layout, image.read_bytes()
+
+
+def pages_of(image: bytes) -> list[bytes]:
+    return [image[i : i + PAGE_SIZE] for i in range(0, len(image), PAGE_SIZE)]
+
+
+# A stream using every flag QEMU 7.2 emits: PAGE, ZERO, CONTINUE, MEM_SIZE, EOS.
+BASIC = stream(
+    section(
+        rec(0, RAM_SAVE_FLAG_PAGE, "pc.ram", page(1))
+        + rec(PAGE_SIZE, RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE, payload=b"\0")
+        + rec(2 * PAGE_SIZE, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, payload=page(2))
+        + rec(PAGE_SIZE, RAM_SAVE_FLAG_PAGE, "pc.bios", page(3))
+    )
+)
+
+
+def test_parse_lays_blocks_back_to_back_and_writes_pages(tmp_path):
+    layout, image = parse(BASIC, tmp_path)
+    assert layout.blocks == [
+        RamBlock("pc.ram", 8 * PAGE_SIZE, 0),
+        RamBlock("pc.bios", 2 * PAGE_SIZE, 8 * PAGE_SIZE),
+    ]
+    assert layout.size == len(image) == 10 * PAGE_SIZE
+    assert layout.machine == "pc-i440fx-7.2"
+    assert layout.head == HEAD and layout.tail == TAIL
+    assert layout.section_id == SID and layout.ram_version == 4 and layout.footers
+    pages = pages_of(image)
+    assert pages[0] == page(1) and pages[1] == page(0) and pages[2] == page(2)
+    assert pages[9] == page(3)  # pc.bios page 1
+    assert all(p == page(0) for i, p in enumerate(pages) if i not in (0, 2, 9))
+
+
+def test_image_is_sparse_and_fresh(tmp_path):
+    image = tmp_path / "mem.img"
+    image.write_bytes(b"\xff" * (64 * PAGE_SIZE))  # stale content must not survive
+    parse_stream(io.BytesIO(BASIC), image)
+    st = os.stat(image)
+    assert st.st_size == 10 * PAGE_SIZE
+    assert image.read_bytes().count(b"\xff") == 0
+    # Only the three data pages need blocks (filesystems may round up a little).
+    assert st.st_blocks * 512 <= 8 * PAGE_SIZE
+
+
+def test_continue_carries_the_block_across_sections(tmp_path):
+    data = stream(
+        section(rec(0, RAM_SAVE_FLAG_PAGE, "pc.bios", page(7))),
+        section(rec(PAGE_SIZE, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, payload=page(8))),
+    )
+    _, image = parse(data, tmp_path)
+    pages = pages_of(image)
+    assert pages[8] == page(7) and pages[9] == page(8)
+    assert pages[1] == page(0)  # not pc.ram
+
+
+def test_pages_sent_twice_last_one_wins(tmp_path):
+    z = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
+    p = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+    data = stream(
+        section(
+            rec(0, RAM_SAVE_FLAG_PAGE, "pc.ram", page(1))
+            + rec(PAGE_SIZE, p, payload=page(2))
+            + rec(2 * PAGE_SIZE, p, payload=page(3))
+        ),
+        section(
+            rec(0, z, payload=b"\0")  # a later zero page clears the earlier data
+            + rec(PAGE_SIZE, p, payload=page(9))  # a later page replaces the earlier one
+            + rec(3 * PAGE_SIZE, z, payload=b"\x5a")  # ZERO with a fill byte is written
+            + rec(3 * PAGE_SIZE, p, payload=page(4))
+            + rec(4 * PAGE_SIZE, z, payload=b"\x5a")
+            + rec(2 * PAGE_SIZE, z, payload=b"\0")
+        ),
+    )
+    _, image = parse(data, tmp_path)
+    pages = pages_of(image)
+    assert pages[0] == page(0)
+    assert pages[1] == page(9)
+    assert pages[2] == page(0)
+    assert pages[3] == page(4)
+    assert pages[4] == page(0x5A)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_record_sequences_match_a_simple_model(tmp_path, seed):
+    """Long zero runs (parsed vectorised), rewrites and fills in any order: last record wins."""
+    rng = random.Random(seed)
+    npages = 300
+    blocks = [("pc.ram", npages * PAGE_SIZE)]
+    expected = [0] * npages
+    sections = []
+    for _ in range(4):
+        records = rec(0, RAM_SAVE_FLAG_ZERO, "pc.ram", b"\0")
+        expected[0] = 0
+        while len(records) < 200_000:
+            start = rng.randrange(npages)
+            run = rng.choice([1, 5, 40, 250])
+            kind = rng.choice(["page", "zero", "zero", "fill"])
+            for i in range(start, min(npages, start + run)):
+                if kind == "page" or (kind == "fill" and rng.random() < 0.1):
+                    value = rng.randrange(1, 256)
+                    records += rec(i * PAGE_SIZE, RAM_SAVE_FLAG_PAGE | 0x20, payload=page(value))
+                elif kind == "fill":
+                    value = rng.randrange(1, 256)
+                    records += rec(i * PAGE_SIZE, RAM_SAVE_FLAG_ZERO | 0x20, payload=bytes([value]))
+                else:
+                    value = 0
+                    records += rec(i * PAGE_SIZE, RAM_SAVE_FLAG_ZERO | 0x20, payload=b"\0")
+                expected[i] = value
+        sections.append(section(records))
+    data = HEAD + start_section(blocks) + b"".join(sections) + section(b"", 0x03) + TAIL
+    _, image = parse(data, tmp_path)
+    assert [p[0] for p in pages_of(image)] == expected
+    assert pages_of(image) == [page(v) for v in expected]
+
+
+@pytest.mark.parametrize(
+    ("flag", "name"),
+    [
+        (RAM_SAVE_FLAG_XBZRLE, "XBZRLE"),
+        (RAM_SAVE_FLAG_COMPRESS_PAGE, "COMPRESS_PAGE"),
+        (RAM_SAVE_FLAG_HOOK, "HOOK"),
+        (RAM_SAVE_FLAG_MULTIFD_FLUSH, "MULTIFD_FLUSH"),
+        (RAM_SAVE_FLAG_FULL, "FULL"),
+        (RAM_SAVE_FLAG_MEM_SIZE, "MEM_SIZE"),
+        (0x400, "unknown 0x400"),
+    ],
+)
+def test_unknown_flag_fails_naming_flag_and_offset(tmp_path, flag, name):
+    good = rec(0, RAM_SAVE_FLAG_PAGE, "pc.ram", page(1))
+    data = stream(section(good + rec(PAGE_SIZE, flag | RAM_SAVE_FLAG_CONTINUE, payload=page(2))))
+    offset = len(HEAD) + len(start_section()) + 5 + len(good)
+    with pytest.raises(MemoryStreamError, match=rf"{name}.* at byte {offset}\b"):
+        parse(data, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        2,  # inside the magic
+        len(HEAD) + 3,  # inside the ram START header
+        len(HEAD) + 30,  # inside the block list
+        len(HEAD) + len(start_section()) + 5 + 8 + 7 + 100,  # inside a page
+        len(BASIC) - len(TAIL) - 2,  # inside the END section footer
+        len(BASIC) - len(TAIL),  # the device state is missing
+        len(BASIC) - 1,  # the EOF byte is missing
+    ],
+)
+def test_truncated_stream_fails(tmp_path, cut):
+    with pytest.raises(MemoryStreamError, match="truncated"):
+        parse(BASIC[:cut], tmp_path)
+    assert not (tmp_path / "mem.img").exists()  # no half-written image left behind
+
+
+def test_stream_with_vm_description_is_complete(tmp_path):
+    desc = b'{"page_size": 4096, "devices": []}'
+    tail = TAIL + b"\x06" + be32(len(desc)) + desc
+    layout, _ = parse(stream(head=HEAD, tail=tail), tmp_path)
+    assert layout.tail == tail
+    with pytest.raises(MemoryStreamError, match="truncated"):
+        parse(stream(tail=tail[:-3]), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"NOPE" + bytes(100), "not a QEMU migration stream"),
+        (b"QEVM" + be32(2) + bytes(100), "version 2"),
+        (
+            HEAD + start_section(name="block") + TAIL,
+            "iterative section 'block'",
+        ),
+        (
+            stream(section(rec(0, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, payload=page(1)))),
+            "CONTINUE record",
+        ),
+        (stream(section(rec(0, RAM_SAVE_FLAG_ZERO, "vga.vram", b"\0"))), "unknown block"),
+        (
+            stream(section(rec(8 * PAGE_SIZE, RAM_SAVE_FLAG_ZERO, "pc.ram", b"\0"))),
+            "beyond block 'pc.ram'",
+        ),
+        (
+            HEAD + start_section() + b"\x08" + bytes(20),
+            "COMMAND",
+        ),
+        (
+            HEAD
+            + b"\x05"
+            + str8("configuration/capabilities")
+            + be32(1)
+            + be32(1)
+            + str8("x-ignore-shared")
+            + start_section(),
+            "x-ignore-shared",
+        ),
+        (
+            HEAD + start_section() + b"\x01" + be32(3) + str8("dirty-bitmap") + bytes(20),
+            "second iterative section 'dirty-bitmap'",
+        ),
+        (HEAD + start_section() + b"\x02" + be32(9) + EOS, "not the ram section"),
+    ],
+)
+def test_unsupported_or_malformed_streams_fail_clearly(tmp_path, data, message):
+    with pytest.raises(MemoryStreamError, match=message):
+        parse(data, tmp_path)
+
+
+def test_configuration_subsections_are_kept_in_head(tmp_path):
+    head = (
+        HEAD
+        + b"\x05"
+        + str8("configuration/capabilities")
+        + be32(1)
+        + be32(1)
+        + str8("validate-uuid")
+        + b"\x05"
+        + str8("configuration/uuid")
+        + be32(1)
+        + bytes(range(16))
+    )
+    layout, _ = parse(stream(head=head), tmp_path)
+    assert layout.head == head
+    assert layout.extra["capabilities"] == ["validate-uuid"]
+    assert layout.extra["uuid"] == bytes(range(16)).hex()
+
+
+def test_parse_reads_a_pipe_once_and_reports_progress(tmp_path):
+    r, w = os.pipe()
+
+    def feed():
+        with os.fdopen(w, "wb") as f:
+            for i in range(0, len(BASIC), 1000):
+                f.write(BASIC[i : i + 1000])
+
+    thread = threading.Thread(target=feed)
+    thread.start()
+    seen: list[int] = []
+    with os.fdopen(r, "rb", buffering=0) as f:  # unbuffered: reads come back short
+        layout = parse_stream(f, tmp_path / "mem.img", progress=seen.append)
+    thread.join(timeout=10)
+    assert layout.size == 10 * PAGE_SIZE
+    assert seen == sorted(seen) and seen[-1] == len(BASIC)
+    assert (tmp_path / "mem.img").read_bytes() == parse(BASIC, tmp_path, "b.img")[1]
+
+
+def test_emit_writes_canonical_stream_that_parses_back(tmp_path):
+    layout, image = parse(BASIC, tmp_path)
+    out = io.BytesIO()
+    emit_stream(layout, tmp_path / "mem.img", out)
+    data = out.getvalue()
+    c = RAM_SAVE_FLAG_CONTINUE
+    ram = rec(0, RAM_SAVE_FLAG_PAGE, "pc.ram", page(1)) + rec(PAGE_SIZE, RAM_SAVE_FLAG_ZERO | c)
+    ram += b"\0" + rec(2 * PAGE_SIZE, RAM_SAVE_FLAG_PAGE | c, payload=page(2))
+    ram += b"".join(rec(i * PAGE_SIZE, RAM_SAVE_FLAG_ZERO | c, payload=b"\0") for i in range(3, 8))
+    ram += rec(0, RAM_SAVE_FLAG_ZERO, "pc.bios", b"\0")
+    ram += rec(PAGE_SIZE, RAM_SAVE_FLAG_PAGE | c, payload=page(3))
+    assert data == HEAD + start_section() + section(ram) + section(b"", 0x03) + TAIL
+    layout2, image2 = parse(data, tmp_path, "again.img")
+    assert layout2 == layout and image2 == image
+
+
+def test_emit_refuses_a_short_image(tmp_path):
+    layout, _ = parse(BASIC, tmp_path)
+    os.truncate(tmp_path / "mem.img", PAGE_SIZE)
+    with pytest.raises(MemoryStreamError, match="needs"):
+        emit_stream(layout, tmp_path / "mem.img", io.BytesIO())
+
+
+def test_layout_round_trips_and_rejects_garbage(tmp_path):
+    layout, _ = parse(BASIC, tmp_path)
+    blob = layout.to_bytes()
+    assert MemoryLayout.from_bytes(blob) == layout
+    for bad, message in [
+        (b"garbage" * 10, "bad magic"),
+        (blob[:-1], "truncated"),
+        (blob[:8] + struct.pack("<I", 99) + blob[12:], "version 99"),
+        (blob.replace(b'"blocks"', b'"blocksX"'), "corrupt"),
+    ]:
+        with pytest.raises(MemoryStreamError, match=message):
+            MemoryLayout.from_bytes(bad)
+
+
+def test_ram_compatible(tmp_path):
+    layout, _ = parse(BASIC, tmp_path)
+    same = MemoryLayout.from_bytes(layout.to_bytes())
+    same.tail = b"other device state"
+    assert layout.ram_compatible(same)
+    other = MemoryLayout.from_bytes(layout.to_bytes())
+    other.blocks[0].length += PAGE_SIZE
+    assert not layout.ram_compatible(other)
+
+
+# --- libvirt save container -------------------------------------------------------------------
+
+XML = "<domain type='qemu'><name>base</name></domain>"
+COOKIE = "<qemuDomainSaveCookie><cpu/></qemuDomainSaveCookie>"
+
+
+def test_libvirt_save_file_round_trip(tmp_path):
+    path = tmp_path / "vm.save"
+    header = libvirt.LibvirtSaveHeader(xml=XML, was_running=True, cookie=COOKIE)
+    with open(path, "wb") as f:
+        written = libvirt.write_save_file(f, header, lambda out: out.write(BASIC))
+    raw = path.read_bytes()
+    assert raw[:16] == b"LibvirtQemudSave"
+    version, data_len, running, compressed, cookie_off = struct.unpack_from("<5I", raw, 16)
+    xml_len = len(XML) + 1
+    assert (version, running, compressed, cookie_off) == (2, 1, 0, xml_len)
+    assert data_len == xml_len + len(COOKIE) + 1 + 64 * 1024  # room for edits, like libvirt
+    assert raw[92 + data_len :] == BASIC == raw[written.stream_offset :]
+    with open(path, "rb") as f:
+        got = libvirt.read_header(f)
+        assert f.tell() == got.stream_offset == 92 + data_len
+    assert (got.xml, got.cookie, got.was_running) == (XML, COOKIE, True)
+    f, kind = open_snapshot(path)
+    with f:
+        assert kind == "libvirt"
+        layout = parse_stream(f, tmp_path / "mem.img")
+    assert layout == parse(BASIC, tmp_path, "direct.img")[0]
+
+
+def test_libvirt_edited_xml_keeps_or_grows_data_len(tmp_path):
+    header = libvirt.LibvirtSaveHeader(xml=XML, was_running=False, data_len=4096)
+    out = io.BytesIO()
+    assert libvirt.write_save_file(out, header, lambda o: o.write(BASIC)).data_len == 4096
+    header.xml = "<domain>" + "x" * 5000 + "</domain>"
+    out = io.BytesIO()
+    grown = libvirt.write_save_file(out, header, lambda o: o.write(BASIC))
+    assert grown.data_len > 5000
+    out.seek(0)
+    got = libvirt.read_header(out)
+    assert got.xml == header.xml and got.cookie is None and not got.was_running
+    assert out.read(4) == b"QEVM"
+
+
+def test_libvirt_reads_a_big_endian_header():
+    data = XML.encode() + b"\0" * 100
+    raw = b"LibvirtQemudSave" + struct.pack(">5I14I", 2, len(data), 1, 0, 0, *[0] * 14) + data
+    got = libvirt.read_header(io.BytesIO(raw + b"QEVM"))
+    assert got.xml == XML and got.stream_offset == len(raw) and got.byteorder == ">"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"LibvirtQemudSave" + struct.pack("<5I14I", 2, 10, 1, 3, 0, *[0] * 14), "xz"),
+        (b"LibvirtQemudPart" + bytes(76), "incomplete"),
+        (b"LibvirtQemudSave" + struct.pack("<5I14I", 7, 10, 1, 0, 0, *[0] * 14), "version 7"),
+        (b"LibvirtQemudSave" + struct.pack("<5I14I", 2, 1000, 1, 0, 0, *[0] * 14), "truncated"),
+        (b"LibvirtQemudSave", "truncated"),
+        (b"SomethingElse!!!" + bytes(76), "not a libvirt save file"),
+    ],
+)
+def test_libvirt_bad_headers_fail_clearly(raw, message):
+    with pytest.raises(MemoryStreamError, match=message):
+        libvirt.read_header(io.BytesIO(raw + bytes(20)))
+
+
+def test_open_snapshot_recognises_bare_streams_and_garbage(tmp_path):
+    bare = tmp_path / "bare"
+    bare.write_bytes(BASIC)
+    f, kind = open_snapshot(bare)
+    with f:
+        assert kind == "qemu" and f.read(4) == b"QEVM"
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x7fELF" + bytes(100))
+    with pytest.raises(MemoryStreamError, match="neither"):
+        open_snapshot(junk)
