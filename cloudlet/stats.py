@@ -37,7 +37,10 @@ class Stats:
 
     def as_dict(self) -> dict:
         return {
-            "stages": {k: {"seconds": round(s.seconds, 4), "bytes": s.bytes} for k, s in self.stages.items()},
+            "stages": {
+                k: {"seconds": round(s.seconds, 4), "bytes": s.bytes}
+                for k, s in self.stages.items()
+            },
             "counters": dict(self.counters),
         }
 
@@ -68,8 +71,9 @@ class Progress:
     `progress(done)` callback and never know about terminals.
     """
 
-    def __init__(self, label: str, total: int | None, out: TextIO | None = None,
-                 interval: float = 0.2) -> None:
+    def __init__(
+        self, label: str, total: int | None, out: TextIO | None = None, interval: float = 0.2
+    ) -> None:
         self.label = label
         self.total = total
         self.out = out or sys.stderr

@@ -88,10 +88,19 @@ def synthesize(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> Synthes
         for name, seconds in applied.stage_seconds().items():
             stats.counters[f"  {name}"] = f"{seconds:.2f} s"
         vm = resume_vm(
-            config, disk=disk, disk_format="raw", memory_image=memory, layout=layout,
-            run_dir=run_dir, kernel=base.kernel_path, initrd=base.initrd_path,
-            forwards=spec.forwards, extra_args=spec.extra_args, vnc=spec.vnc,
-            stats=stats, timeout=spec.timeout,
+            config,
+            disk=disk,
+            disk_format="raw",
+            memory_image=memory,
+            layout=layout,
+            run_dir=run_dir,
+            kernel=base.kernel_path,
+            initrd=base.initrd_path,
+            forwards=spec.forwards,
+            extra_args=spec.extra_args,
+            vnc=spec.vnc,
+            stats=stats,
+            timeout=spec.timeout,
         )
         memory.unlink()  # restored into QEMU; the disk stays, the guest runs on it
     except BaseException:

@@ -81,7 +81,9 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
             initrd_sha256=initrd_sha,
             append=spec.append,
         )
-        (staging / "vm-config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        (staging / "vm-config.json").write_text(
+            json.dumps(config.to_dict(), indent=2, sort_keys=True)
+        )
         launch = LaunchSpec(
             config=config,
             disk=staging / "disk.raw",
@@ -121,7 +123,9 @@ def _import_disk(src: Path, dest: Path) -> None:
     """The base keeps a raw disk: copy raw sparsely, convert anything else with qemu-img."""
     info = subprocess.run(
         ["qemu-img", "info", "--output=json", "-U", str(src)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if info.returncode != 0:
         raise BaseVMError(f"{src} is not a disk image qemu-img can read: {info.stderr.strip()}")

@@ -24,17 +24,25 @@ def register(verbs: argparse._SubParsersAction) -> None:
     c.add_argument("--cpu", default="qemu64", help="CPU model; a portable one lets bases move")
     c.add_argument("--machine", default="pc", help="machine type (an alias is pinned at creation)")
     c.add_argument("--nic", default="e1000", help="NIC model")
-    c.add_argument("--no-balloon", dest="balloon", action="store_false",
-                   help="no virtio-balloon (free page hinting) device")
+    c.add_argument(
+        "--no-balloon",
+        dest="balloon",
+        action="store_false",
+        help="no virtio-balloon (free page hinting) device",
+    )
     c.add_argument("--kernel", type=Path, help="boot this kernel directly")
     c.add_argument("--initrd", type=Path)
     c.add_argument("--append", help="kernel command line")
     ready = c.add_mutually_exclusive_group(required=True)
     ready.add_argument("--ready-marker", help="snapshot once the guest prints this on its console")
-    ready.add_argument("--ready-port", type=int,
-                       help="snapshot once this forwarded host port accepts connections")
-    ready.add_argument("--wait", action="store_true",
-                       help="snapshot when you press Enter (use --vnc to see the guest)")
+    ready.add_argument(
+        "--ready-port", type=int, help="snapshot once this forwarded host port accepts connections"
+    )
+    ready.add_argument(
+        "--wait",
+        action="store_true",
+        help="snapshot when you press Enter (use --vnc to see the guest)",
+    )
     add_vm_host_options(c)
     c.set_defaults(run=_create)
 
@@ -60,15 +68,28 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def _create(home: CloudletHome, args: argparse.Namespace) -> int:
     spec = BaseSpec(
-        disk=args.disk, name=args.name or args.disk.stem, memory_mib=args.memory,
-        vcpus=args.vcpus, cpu=args.cpu, machine=args.machine, nic_model=args.nic,
-        balloon=args.balloon, kernel=args.kernel, initrd=args.initrd, append=args.append,
-        forwards=args.forward, extra_args=args.qemu_args, vnc=args.vnc,
+        disk=args.disk,
+        name=args.name or args.disk.stem,
+        memory_mib=args.memory,
+        vcpus=args.vcpus,
+        cpu=args.cpu,
+        machine=args.machine,
+        nic_model=args.nic,
+        balloon=args.balloon,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        append=args.append,
+        forwards=args.forward,
+        extra_args=args.qemu_args,
+        vnc=args.vnc,
     )
     ready = Readiness(
-        marker=args.ready_marker, port=args.ready_port, timeout=args.timeout,
+        marker=args.ready_marker,
+        port=args.ready_port,
+        timeout=args.timeout,
         wait_for_user=(lambda: wait_for_enter("Guest booting; press Enter to snapshot it: "))
-        if args.wait else None,
+        if args.wait
+        else None,
     )
     stats = Stats()
     base = create_base(home, spec, ready, stats)
@@ -79,8 +100,13 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
 
 def _describe(b: BaseVM) -> dict:
     return {
-        "id": b.id, "name": b.name, "created": b.created.isoformat(), "disk_size": b.disk_size,
-        "memory_size": b.memory_size, "config": b.config, "path": str(b.path),
+        "id": b.id,
+        "name": b.name,
+        "created": b.created.isoformat(),
+        "disk_size": b.disk_size,
+        "memory_size": b.memory_size,
+        "config": b.config,
+        "path": str(b.path),
     }
 
 
@@ -91,8 +117,10 @@ def _list(home: CloudletHome, args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':<16} {'NAME':<20} {'DISK':>10} {'MEMORY':>10} CREATED")
     for b in bases:
-        print(f"{b.id[:16]:<16} {b.name[:20]:<20} {human_bytes(b.disk_size):>10} "
-              f"{human_bytes(b.memory_size):>10} {b.created:%Y-%m-%d %H:%M}")
+        print(
+            f"{b.id[:16]:<16} {b.name[:20]:<20} {human_bytes(b.disk_size):>10} "
+            f"{human_bytes(b.memory_size):>10} {b.created:%Y-%m-%d %H:%M}"
+        )
     return 0
 
 

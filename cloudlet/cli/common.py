@@ -10,12 +10,23 @@ from cloudlet.stats import Stats
 
 def add_vm_host_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--forward", "-f", action="append", default=[], type=Forward.parse, metavar="tcp:HOST:GUEST",
+        "--forward",
+        "-f",
+        action="append",
+        default=[],
+        type=Forward.parse,
+        metavar="tcp:HOST:GUEST",
         help="forward a host port on 127.0.0.1 to a guest port (repeatable)",
     )
-    p.add_argument("--vnc", metavar="ADDR:DISPLAY", help="also show the guest on VNC, e.g. 127.0.0.1:1")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds any single step may take before it is abandoned (default 600)")
+    p.add_argument(
+        "--vnc", metavar="ADDR:DISPLAY", help="also show the guest on VNC, e.g. 127.0.0.1:1"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds any single step may take before it is abandoned (default 600)",
+    )
 
 
 def print_stats(title: str, stats: Stats, as_json: bool = False) -> None:

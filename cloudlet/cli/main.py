@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cloudlet {__version__}")
     parser.add_argument(
-        "--home", type=Path, default=None,
+        "--home",
+        type=Path,
+        default=None,
         help="state directory (default: $CLOUDLET_HOME or ~/.cloudlet)",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -42,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args.qemu_args = extra
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    home = CloudletHome(args.home or (Path(os.environ["CLOUDLET_HOME"])
-                                      if os.environ.get("CLOUDLET_HOME") else None))
+    home = CloudletHome(
+        args.home
+        or (Path(os.environ["CLOUDLET_HOME"]) if os.environ.get("CLOUDLET_HOME") else None)
+    )
     try:
         return args.run(home, args) or 0
     except CloudletError as exc:

@@ -23,10 +23,14 @@ def register(verbs: argparse._SubParsersAction) -> None:
     c.add_argument("base", help="base id, unique id prefix, or name")
     c.add_argument("-o", "--output", type=Path, required=True, help="overlay file to write")
     how = c.add_mutually_exclusive_group(required=True)
-    how.add_argument("--script", type=Path,
-                     help="shell script run in the guest over its serial console")
-    how.add_argument("--wait", action="store_true",
-                     help="customise by hand (e.g. over --vnc or a forwarded ssh), then press Enter")
+    how.add_argument(
+        "--script", type=Path, help="shell script run in the guest over its serial console"
+    )
+    how.add_argument(
+        "--wait",
+        action="store_true",
+        help="customise by hand (e.g. over --vnc or a forwarded ssh), then press Enter",
+    )
     c.add_argument("--codec", default="zstd", choices=available_codecs())
     c.add_argument("--level", type=int, help="codec level (default: the codec's own)")
     c.add_argument("--json", action="store_true", help="print statistics as JSON")
@@ -43,16 +47,24 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
     custom = Customisation(
         script=args.script.read_text() if args.script else None,
         wait_for_user=(lambda vm: wait_for_enter("Customise the guest, then press Enter: "))
-        if args.wait else None,
+        if args.wait
+        else None,
         timeout=args.timeout,
     )
-    spec = OverlaySpec(output=args.output, codec=args.codec, level=args.level,
-                       forwards=args.forward, extra_args=args.qemu_args, vnc=args.vnc)
+    spec = OverlaySpec(
+        output=args.output,
+        codec=args.codec,
+        level=args.level,
+        forwards=args.forward,
+        extra_args=args.qemu_args,
+        vnc=args.vnc,
+    )
     stats = Stats()
     create_overlay(home, base, spec, custom, stats)
     if not args.json:
-        print(f"overlay {args.output} for base {base.id} "
-              f"({human_bytes(args.output.stat().st_size)})")
+        print(
+            f"overlay {args.output} for base {base.id} ({human_bytes(args.output.stat().st_size)})"
+        )
     print_stats("statistics:", stats, as_json=args.json)
     return 0
 

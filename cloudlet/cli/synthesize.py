@@ -16,12 +16,20 @@ from cloudlet.synthesis import SynthesisSpec, synthesize
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("synthesize", help="synthesize a VM from an overlay and resume it")
     p.add_argument("overlay", type=Path)
-    p.add_argument("--check-and-exit", action="store_true",
-                   help="stop the VM once it is resumed (and --check-url answered) instead of "
-                   "keeping it running until Ctrl-C")
-    p.add_argument("--check-url", metavar="URL", action="append", default=[],
-                   help="wait until this URL (a forwarded guest service) answers and print the "
-                   "body (repeatable)")
+    p.add_argument(
+        "--check-and-exit",
+        action="store_true",
+        help="stop the VM once it is resumed (and --check-url answered) instead of "
+        "keeping it running until Ctrl-C",
+    )
+    p.add_argument(
+        "--check-url",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="wait until this URL (a forwarded guest service) answers and print the "
+        "body (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print statistics as JSON")
     add_vm_host_options(p)
     p.set_defaults(run=_run)
@@ -29,8 +37,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def _run(home: CloudletHome, args: argparse.Namespace) -> int:
     stats = Stats()
-    spec = SynthesisSpec(overlay=args.overlay, forwards=args.forward,
-                         extra_args=args.qemu_args, vnc=args.vnc, timeout=args.timeout)
+    spec = SynthesisSpec(
+        overlay=args.overlay,
+        forwards=args.forward,
+        extra_args=args.qemu_args,
+        vnc=args.vnc,
+        timeout=args.timeout,
+    )
     start = time.monotonic()
     with synthesize(home, spec, stats) as synth:
         for i, url in enumerate(args.check_url):
@@ -59,7 +72,7 @@ def _wait_for_url(url: str, timeout: float) -> str:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            with urllib.request.urlopen(url, timeout=1) as resp:
                 return resp.read().decode(errors="replace")
         except OSError as exc:
             last = exc

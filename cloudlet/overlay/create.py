@@ -16,7 +16,7 @@ from cloudlet.dedup import Deduplicator
 from cloudlet.diff import ChangedBatch, changed_chunks
 from cloudlet.disk import changed_disk_chunks, virtual_size
 from cloudlet.errors import ConfigMismatch, HypervisorError
-from cloudlet.hashing import window_digests, tree_digest, ZERO_CHUNK_DIGEST
+from cloudlet.hashing import ZERO_CHUNK_DIGEST, tree_digest, window_digests
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import Forward, QemuVM
@@ -58,10 +58,19 @@ def create_overlay(
         _cow_disk(base.disk_path, disk)
         layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
         vm = resume_vm(
-            config, disk=disk, disk_format="qcow2", memory_image=base.memory_path, layout=layout,
-            run_dir=run_dir, kernel=base.kernel_path, initrd=base.initrd_path,
-            forwards=spec.forwards, extra_args=spec.extra_args, vnc=spec.vnc,
-            stats=stats, timeout=custom.timeout,
+            config,
+            disk=disk,
+            disk_format="qcow2",
+            memory_image=base.memory_path,
+            layout=layout,
+            run_dir=run_dir,
+            kernel=base.kernel_path,
+            initrd=base.initrd_path,
+            forwards=spec.forwards,
+            extra_args=spec.extra_args,
+            vnc=spec.vnc,
+            stats=stats,
+            timeout=custom.timeout,
         )
         stream = run_dir / "memory.stream"
         with vm:
@@ -91,9 +100,21 @@ def create_overlay(
 def _cow_disk(base_disk: Path, dest: Path) -> None:
     """A qcow2 over the base disk: the guest's writes land in it, the base is never modified."""
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base_disk.resolve()), "-F", "raw",
-         str(dest)],
-        check=True, capture_output=True, timeout=60,
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(base_disk.resolve()),
+            "-F",
+            "raw",
+            str(dest),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
 
 
@@ -112,8 +133,13 @@ class _ImageDigests:
 
 
 def _write_overlay(
-    base: BaseVM, config: VMConfig, memory: Path, layout: MemoryLayout, disk: Path,
-    spec: OverlaySpec, stats: Stats,
+    base: BaseVM,
+    config: VMConfig,
+    memory: Path,
+    layout: MemoryLayout,
+    disk: Path,
+    spec: OverlaySpec,
+    stats: Stats,
 ) -> OverlayInfo:
     mem_index = ChunkIndex.load(base.path, "memory")
     disk_index = ChunkIndex.load(base.path, "disk")
@@ -122,10 +148,13 @@ def _write_overlay(
     slots: dict[tuple[int, int], int] = {}
     with OverlayWriter(spec.output, base.id, codec=spec.codec, level=spec.level) as writer:
         for target, batches, index, size in (
-            (Target.MEMORY, lambda: changed_chunks(base.memory_path, memory, layout.size),
-             mem_index, layout.size),
-            (Target.DISK, lambda: changed_disk_chunks(base.disk_path, disk), disk_index,
-             disk_size),
+            (
+                Target.MEMORY,
+                lambda: changed_chunks(base.memory_path, memory, layout.size),
+                mem_index,
+                layout.size,
+            ),
+            (Target.DISK, lambda: changed_disk_chunks(base.disk_path, disk), disk_index, disk_size),
         ):
             digests = _ImageDigests(index, size)
             with stats.stage(f"diff + dedup {target.name.lower()}"):
@@ -144,13 +173,18 @@ def _write_overlay(
     return info
 
 
-def _add_batch(writer: OverlayWriter, dedup: Deduplicator, target: Target, batch: ChangedBatch,
-               slots: dict[tuple[int, int], int]) -> None:
+def _add_batch(
+    writer: OverlayWriter,
+    dedup: Deduplicator,
+    target: Target,
+    batch: ChangedBatch,
+    slots: dict[tuple[int, int], int],
+) -> None:
     view = memoryview(batch.data)
     for i, (kind, ref) in enumerate(dedup.classify(target, batch)):
         chunk = int(batch.chunks[i])
         if kind is Kind.NEW:
-            slots[(target, chunk)] = writer.add_new(target, chunk, view[i * 4096:(i + 1) * 4096])
+            slots[(target, chunk)] = writer.add_new(target, chunk, view[i * 4096 : (i + 1) * 4096])
         elif kind is Kind.SELF:
             writer.add_ref(target, chunk, Kind.SELF, slots[ref])
         else:

@@ -1,0 +1,302 @@
+"""End to end on real QEMU guests (TCG): base -> resume + customise -> overlay -> synthesis.
+
+Everything here is real: the test guest's kernel, QEMU, the migration streams, sqlite, the files.
+The `cloudlet` command is driven as a user drives it, in subprocesses.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cloudlet.hypervisor.qemu import free_port
+
+pytestmark = pytest.mark.qemu
+
+REPO = Path(__file__).resolve().parents[2]
+CUSTOMISE = REPO / "tools" / "demo" / "customize.sh"
+
+
+def cloudlet(home: Path, *args: str, check: bool = True, timeout: float = 600):
+    env = dict(os.environ, CLOUDLET_HOME=str(home))
+    done = subprocess.run(
+        [sys.executable, "-m", "cloudlet.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"cloudlet {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
+    return done
+
+
+def http_get(port: int, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def home_a(tmp_path_factory, test_guest: Path) -> Path:
+    """A cloudlet home holding a base VM made from the test guest."""
+    home = tmp_path_factory.mktemp("home-a")
+    g = json.loads((test_guest / "guest.json").read_text())
+    cloudlet(
+        home,
+        "base",
+        "create",
+        str(test_guest / g["disk"]),
+        "--name",
+        "testguest",
+        "--kernel",
+        str(test_guest / g["kernel"]),
+        "--initrd",
+        str(test_guest / g["initrd"]),
+        "--append",
+        g["append"],
+        "--memory",
+        str(g["memory_mib"]),
+        "--ready-marker",
+        g["ready_marker"],
+    )
+    return home
+
+
+@pytest.fixture(scope="module")
+def overlay(home_a: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("overlay") / "app.overlay"
+    done = cloudlet(
+        home_a,
+        "overlay",
+        "create",
+        "testguest",
+        "--script",
+        str(CUSTOMISE),
+        "-o",
+        str(out),
+        "--json",
+    )
+    stats = json.loads(done.stdout)
+    assert stats["counters"]["overlay size"] == out.stat().st_size
+    return out
+
+
+@pytest.fixture(scope="module")
+def package(home_a: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pkg") / "testguest.cbase"
+    cloudlet(home_a, "base", "export", "testguest", str(out))
+    return out
+
+
+@pytest.fixture
+def home_b(tmp_path: Path, package: Path) -> Path:
+    """A fresh, separate cloudlet home that imported the base package."""
+    home = tmp_path / "home-b"
+    cloudlet(home, "base", "import", str(package))
+    return home
+
+
+def leftovers(home: Path) -> list[str]:
+    """Files a failed synthesis might have left behind in the home's scratch areas."""
+    found = []
+    for sub in ("runs", "tmp"):
+        d = home / sub
+        if d.exists():
+            found += [str(p.relative_to(home)) for p in d.rglob("*") if p.is_file()]
+    return found
+
+
+def test_base_is_registered_with_its_config(home_a: Path):
+    bases = json.loads(cloudlet(home_a, "base", "list", "--json").stdout)
+    assert [b["name"] for b in bases] == ["testguest"]
+    assert bases[0]["config"]["memory_mib"] == 256
+    assert bases[0]["config"]["machine"].startswith("pc-")  # the alias was pinned
+    cloudlet(home_a, "base", "verify", "testguest")
+
+
+def test_overlay_is_much_smaller_than_the_vm(home_a: Path, overlay: Path):
+    shown = json.loads(cloudlet(home_a, "overlay", "show", str(overlay), "--json").stdout)
+    base = json.loads(cloudlet(home_a, "base", "list", "--json").stdout)[0]
+    assert shown["base_id"] == base["id"]
+    # the customisation wrote 1 MiB of random data: it must be in there, as new chunks
+    assert shown["chunks"]["NEW"] >= 256
+    assert overlay.stat().st_size < (base["disk_size"] + base["memory_size"]) / 10
+
+
+def test_synthesis_in_fresh_home_resumes_customised_guest(home_b: Path, overlay: Path):
+    disk_port, ram_port = free_port(), free_port()
+    done = cloudlet(
+        home_b,
+        "synthesize",
+        str(overlay),
+        "--check-and-exit",
+        "-f",
+        f"tcp:{disk_port}:80",
+        "-f",
+        f"tcp:{ram_port}:8080",
+        "--check-url",
+        f"http://127.0.0.1:{disk_port}/",
+        "--check-url",
+        f"http://127.0.0.1:{ram_port}/",
+    )
+    # the disk change made during customisation
+    assert "hello from the cloudlet overlay" in done.stdout
+    # the web server started during customisation serves a file that only ever lived in RAM:
+    # it answers only if the guest's memory was resumed, not rebooted
+    assert "ram-only state, written before capture" in done.stdout
+    assert "apply overlay" in done.stdout and "restore memory" in done.stdout
+    assert leftovers(home_b) == []
+
+
+def test_synthesized_guest_continues_the_same_boot(home_b: Path, overlay: Path):
+    """The boot id recorded in RAM before capture equals the running kernel's boot id."""
+    from cloudlet.home import CloudletHome
+    from cloudlet.hypervisor.qemu import Forward
+    from cloudlet.stats import Stats
+    from cloudlet.synthesis import SynthesisSpec, synthesize
+
+    port = free_port()
+    spec = SynthesisSpec(overlay=overlay, forwards=[Forward("tcp", port, 8080)], timeout=120)
+    with synthesize(CloudletHome(home_b), spec, Stats()) as synth:
+        recorded = http_get(port).rsplit(":", 1)[1].strip()
+        now = synth.vm.run_in_guest("cat /proc/sys/kernel/random/boot_id", timeout=60)
+        assert recorded and recorded in now
+
+
+# --- bad input: a specific error, and nothing left that looks complete -----------------------
+
+
+def _corrupt(
+    src: Path,
+    dest: Path,
+    offset_from_end: int | None = None,
+    at: int | None = None,
+    truncate: int | None = None,
+) -> Path:
+    data = bytearray(src.read_bytes())
+    if truncate is not None:
+        data = data[:truncate]
+    if offset_from_end is not None:
+        data[len(data) - offset_from_end] ^= 0x01
+    if at is not None:
+        data[at] ^= 0x01
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("frame", "frame"),
+        ("truncate", "cut short"),
+        ("manifest", "manifest"),
+        ("version", "version"),
+    ],
+)
+def test_damaged_overlay_is_refused(home_b: Path, overlay: Path, tmp_path: Path, damage, message):
+    bad = tmp_path / "bad.overlay"
+    if damage == "frame":
+        _corrupt(overlay, bad, offset_from_end=100)  # inside the last frame
+    elif damage == "truncate":
+        _corrupt(overlay, bad, truncate=overlay.stat().st_size - 5000)
+    elif damage == "manifest":
+        _corrupt(overlay, bad, at=_manifest_offset(overlay) + 10)
+    else:
+        _corrupt(overlay, bad, at=_version_offset())
+    done = cloudlet(home_b, "synthesize", str(bad), "--check-and-exit", check=False)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr.lower(), done.stderr
+    assert leftovers(home_b) == []
+
+
+def _manifest_offset(path: Path) -> int:
+    from cloudlet.overlay import format as fmt
+
+    return fmt.HEADER_SIZE
+
+
+def _version_offset() -> int:
+    from cloudlet.overlay import format as fmt
+
+    return len(fmt.MAGIC)  # the major version follows the magic
+
+
+def test_overlay_for_another_base_is_refused(tmp_path: Path, overlay: Path):
+    empty = tmp_path / "empty-home"
+    done = cloudlet(empty, "synthesize", str(overlay), "--check-and-exit", check=False)
+    assert done.returncode == 2
+    assert "base" in done.stderr and "import" in done.stderr
+
+
+def test_base_package_with_bad_digest_is_refused(tmp_path: Path, package: Path):
+    bad = tmp_path / "bad.cbase"
+    _corrupt(package, bad, offset_from_end=package.stat().st_size // 2)
+    home = tmp_path / "home"
+    done = cloudlet(home, "base", "import", str(bad), check=False)
+    assert done.returncode == 2, done.stderr
+    assert json.loads(cloudlet(home, "base", "list", "--json").stdout) == []
+    assert leftovers(home) == []
+
+
+def test_missing_disk_is_refused(tmp_path: Path):
+    done = cloudlet(
+        tmp_path / "home",
+        "base",
+        "create",
+        str(tmp_path / "nope.raw"),
+        "--ready-marker",
+        "x",
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "nope.raw" in done.stderr and "does not exist" in done.stderr
+
+
+def test_killed_synthesis_leaves_no_vm_and_is_cleaned_up(home_b: Path, overlay: Path):
+    env = dict(os.environ, CLOUDLET_HOME=str(home_b))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloudlet.cli.main", "synthesize", str(overlay)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # kill it while it works: as soon as its run directory exists
+    deadline = time.monotonic() + 120
+    runs = home_b / "runs"
+    while time.monotonic() < deadline and not (runs.exists() and any(runs.iterdir())):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # no QEMU outlives it
+    time.sleep(1)
+    ps = subprocess.run(["pgrep", "-f", f"qemu-system.*{home_b}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+    # the next run cleans up what the killed one left, and succeeds
+    port = free_port()
+    cloudlet(
+        home_b,
+        "synthesize",
+        str(overlay),
+        "--check-and-exit",
+        "-f",
+        f"tcp:{port}:80",
+        "--check-url",
+        f"http://127.0.0.1:{port}/",
+    )
+    assert leftovers(home_b) == []
