@@ -6,6 +6,8 @@ a filesystem with `bases/`: a finished base is published with one atomic rename.
 
 import logging
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -66,11 +68,53 @@ class CloudletHome:
 
     def make_staging_dir(self, prefix: str = "staging-") -> Path:
         """A fresh private directory under tmp/, renameable into bases/ atomically."""
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp))
+        return self._owned_dir(self.tmp, prefix)
 
     def new_run_dir(self, prefix: str) -> Path:
         """A fresh private directory under runs/ for one VM (sockets, COW disk, logs)."""
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.runs))
+        return self._owned_dir(self.runs, f"{prefix}-")
+
+    def _owned_dir(self, parent: Path, prefix: str) -> Path:
+        """mkdtemp whose name records its owner process, after sweeping dead owners' dirs.
+
+        A `cloudlet` killed mid-way (SIGKILL, power loss) cannot clean up after itself; the next
+        one that needs scratch space removes what dead processes left behind.
+        """
+        remove_orphans(parent)
+        pid = os.getpid()
+        return Path(
+            tempfile.mkdtemp(prefix=f"{prefix}{_OWNER_TAG}{pid}.{_start_time(pid)}.", dir=parent)
+        )
+
+
+_OWNER_TAG = "pid"
+_OWNER_RE = re.compile(_OWNER_TAG + r"(\d+)\.(\d+)\.")
+
+
+def _start_time(pid: int) -> int:
+    """The process start time (clock ticks since boot), so a reused pid is not taken for its
+    predecessor; 0 if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def remove_orphans(parent: Path) -> list[Path]:
+    """Remove entries of `parent` whose owner process (named in the entry) no longer runs."""
+    removed = []
+    for entry in parent.iterdir():
+        m = _OWNER_RE.search(entry.name)
+        if not m or _start_time(int(m.group(1))) == int(m.group(2)):
+            continue
+        log.info("removing %s, left behind by process %s", entry, m.group(1))
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def _make_private_dir(path: Path) -> None:

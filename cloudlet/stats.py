@@ -95,7 +95,8 @@ class Progress:
         rate = f"{human_bytes(self._done / elapsed)}/s"
         if self.total:
             pct = min(100.0, 100.0 * self._done / self.total)
-            text = f"{self.label}: {pct:5.1f}% {human_bytes(self._done)}/{human_bytes(self.total)} {rate}"
+            done, total = human_bytes(self._done), human_bytes(self.total)
+            text = f"{self.label}: {pct:5.1f}% {done}/{total} {rate}"
         else:
             text = f"{self.label}: {human_bytes(self._done)} {rate}"
         if self.tty:

@@ -4,7 +4,6 @@ import json
 import logging
 import shutil
 import subprocess
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +55,7 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
     for p in (spec.kernel, spec.initrd):
         if p is not None and not p.is_file():
             raise BaseVMError(f"{p} does not exist")
-    staging = home.tmp / f"base-{uuid.uuid4().hex}"
-    staging.mkdir(mode=0o700)
+    staging = home.make_staging_dir("base-")
     run_dir = home.new_run_dir("base")
     try:
         with stats.stage("copy disk"):

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from cloudlet.basevm.store import BaseVM
-from cloudlet.chunks import Kind, Target
+from cloudlet.chunks import Kind, Target, chunk_count
 from cloudlet.dedup import Deduplicator
 from cloudlet.diff import ChangedBatch, changed_chunks
 from cloudlet.disk import changed_disk_chunks, virtual_size
-from cloudlet.errors import ConfigMismatch, HypervisorError
+from cloudlet.errors import ConfigMismatch
 from cloudlet.hashing import ZERO_CHUNK_DIGEST, tree_digest, window_digests
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
@@ -51,14 +51,13 @@ class OverlaySpec:
 def create_overlay(
     home: CloudletHome, base: BaseVM, spec: OverlaySpec, custom: Customisation, stats: Stats
 ) -> OverlayInfo:
-    config = VMConfig.from_dict(base.config)
     run_dir = home.new_run_dir("overlay")
     try:
         disk = run_dir / "disk.qcow2"
         _cow_disk(base.disk_path, disk)
         layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
         vm = resume_vm(
-            config,
+            VMConfig.from_dict(base.config),
             disk=disk,
             disk_format="qcow2",
             memory_image=base.memory_path,
@@ -83,18 +82,38 @@ def create_overlay(
             with stats.stage("save memory"):
                 vm.save_memory(stream, timeout=custom.timeout)
             vm.quit(timeout=30)
-        memory = run_dir / "memory.img"
-        with stats.stage("parse memory", stream.stat().st_size), open(stream, "rb") as src:
+        return build_overlay(base, stream, disk, spec, stats, work_dir=run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def build_overlay(
+    base: BaseVM,
+    memory_stream: Path,
+    disk: Path,
+    spec: OverlaySpec,
+    stats: Stats,
+    work_dir: Path,
+) -> OverlayInfo:
+    """The data half of capture: a saved QEMU memory stream + the VM's disk -> overlay file.
+
+    `disk` is a qcow2 over the base's raw disk (only its allocated clusters are compared) or a
+    full raw image (scanned). `work_dir` holds the parsed memory image while the overlay is built.
+    """
+    config = VMConfig.from_dict(base.config)
+    layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
+    memory = work_dir / "memory.img"
+    try:
+        with (
+            stats.stage("parse memory", memory_stream.stat().st_size),
+            open(memory_stream, "rb") as src,
+        ):
             custom_layout = parse_stream(src, memory)
-        stream.unlink()
         if not custom_layout.ram_compatible(layout):
             raise ConfigMismatch("the customised VM's RAM blocks differ from the base's")
         return _write_overlay(base, config, memory, custom_layout, disk, spec, stats)
-    except HypervisorError:
-        LOG.error("QEMU logs are in %s", run_dir)
-        raise
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        memory.unlink(missing_ok=True)
 
 
 def _cow_disk(base_disk: Path, dest: Path) -> None:
@@ -122,7 +141,7 @@ class _ImageDigests:
     """Digest array of a result image: the base's, with the modified chunks replaced."""
 
     def __init__(self, base: ChunkIndex, result_size: int) -> None:
-        n = (result_size + 4095) // 4096
+        n = chunk_count(result_size)
         self.digests = np.empty((n, 32), dtype=np.uint8)
         m = min(n, len(base.digests))
         self.digests[:m] = base.digests[:m]
@@ -180,11 +199,10 @@ def _add_batch(
     batch: ChangedBatch,
     slots: dict[tuple[int, int], int],
 ) -> None:
-    view = memoryview(batch.data)
     for i, (kind, ref) in enumerate(dedup.classify(target, batch)):
         chunk = int(batch.chunks[i])
         if kind is Kind.NEW:
-            slots[(target, chunk)] = writer.add_new(target, chunk, view[i * 4096 : (i + 1) * 4096])
+            slots[(target, chunk)] = writer.add_new(target, chunk, batch.chunk_data(i))
         elif kind is Kind.SELF:
             writer.add_ref(target, chunk, Kind.SELF, slots[ref])
         else:

@@ -276,18 +276,18 @@ def test_killed_synthesis_leaves_no_vm_and_is_cleaned_up(home_b: Path, overlay: 
         stderr=subprocess.STDOUT,
         text=True,
     )
-    # kill it while it works: as soon as its run directory exists
+    # kill it while it works: as soon as it has written anything into its run directory
     deadline = time.monotonic() + 120
-    runs = home_b / "runs"
-    while time.monotonic() < deadline and not (runs.exists() and any(runs.iterdir())):
-        time.sleep(0.01)
+    while time.monotonic() < deadline and not leftovers(home_b):
+        time.sleep(0.005)
+    assert leftovers(home_b), "synthesis never started writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     # no QEMU outlives it
     time.sleep(1)
     ps = subprocess.run(["pgrep", "-f", f"qemu-system.*{home_b}"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""
-    # the next run cleans up what the killed one left, and succeeds
+    assert leftovers(home_b)  # what the killed process was writing is still there...
     port = free_port()
     cloudlet(
         home_b,
