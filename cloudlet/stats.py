@@ -2,7 +2,7 @@
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -21,16 +21,23 @@ class Stats:
 
     stages: dict[str, Stage] = field(default_factory=dict)
     counters: dict[str, int | float | str] = field(default_factory=dict)
+    # told when a stage starts (seconds None) and ends: the CLI's live stage line
+    listener: Callable[[str, float | None], None] | None = None
 
     @contextmanager
     def stage(self, name: str, nbytes: int = 0) -> Iterator[Stage]:
         st = self.stages.setdefault(name, Stage(name))
         start = time.monotonic()
+        if self.listener:
+            self.listener(name, None)
         try:
             yield st
         finally:
-            st.seconds += time.monotonic() - start
+            elapsed = time.monotonic() - start
+            st.seconds += elapsed
             st.bytes += nbytes
+            if self.listener:
+                self.listener(name, elapsed)
 
     def total_seconds(self) -> float:
         return sum(s.seconds for s in self.stages.values())
@@ -107,3 +114,22 @@ class Progress:
 
     def done(self) -> None:
         self._emit(final=True)
+
+
+class StageLine:
+    """Shows which stage is running: `... boot until ready` then `ok  boot until ready  8.9 s`.
+
+    On a terminal the running line is rewritten in place; in logs each end gets its own line.
+    """
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stderr
+        self.tty = self.out.isatty()
+
+    def __call__(self, name: str, seconds: float | None) -> None:
+        if seconds is None:
+            if self.tty:
+                self.out.write(f"\r\033[K... {name}")
+        else:
+            self.out.write(("\r\033[K" if self.tty else "") + f"ok  {name}  {seconds:.2f} s\n")
+        self.out.flush()

@@ -9,7 +9,7 @@ from cloudlet.basevm.package import export_base, import_base
 from cloudlet.basevm.store import BaseStore, BaseVM
 from cloudlet.cli.common import add_vm_host_options, print_stats, wait_for_enter
 from cloudlet.home import CloudletHome
-from cloudlet.stats import Progress, Stats, human_bytes
+from cloudlet.stats import Progress, StageLine, Stats, human_bytes
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -91,7 +91,7 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
         if args.wait
         else None,
     )
-    stats = Stats()
+    stats = Stats(listener=StageLine())
     base = create_base(home, spec, ready, stats)
     print(f"base VM {base.id} ({base.name}) created")
     print_stats("statistics:", stats)

@@ -11,7 +11,7 @@ from cloudlet.codecs import available_codecs
 from cloudlet.home import CloudletHome
 from cloudlet.overlay.create import Customisation, OverlaySpec, create_overlay
 from cloudlet.overlay.reader import OverlayReader
-from cloudlet.stats import Stats, human_bytes
+from cloudlet.stats import StageLine, Stats, human_bytes
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -59,7 +59,7 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
         extra_args=args.qemu_args,
         vnc=args.vnc,
     )
-    stats = Stats()
+    stats = Stats(listener=StageLine())
     create_overlay(home, base, spec, custom, stats)
     if not args.json:
         print(

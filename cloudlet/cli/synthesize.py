@@ -9,7 +9,7 @@ from pathlib import Path
 from cloudlet.cli.common import add_vm_host_options, print_stats
 from cloudlet.errors import GuestTimeout
 from cloudlet.home import CloudletHome
-from cloudlet.stats import Stats
+from cloudlet.stats import StageLine, Stats
 from cloudlet.synthesis import SynthesisSpec, synthesize
 
 
@@ -36,7 +36,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run(home: CloudletHome, args: argparse.Namespace) -> int:
-    stats = Stats()
+    stats = Stats(listener=StageLine())
     spec = SynthesisSpec(
         overlay=args.overlay,
         forwards=args.forward,
