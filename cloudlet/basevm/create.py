@@ -40,6 +40,7 @@ class BaseSpec:
     machine: str = "pc"
     nic_model: str = "e1000"
     balloon: bool = True
+    display: str = "none"
     kernel: Path | None = None
     initrd: Path | None = None
     append: str | None = None
@@ -75,6 +76,7 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
             disk_bus="virtio",
             nic_model=spec.nic_model,
             balloon=spec.balloon,
+            display=spec.display,
             kernel_sha256=kernel_sha,
             initrd_sha256=initrd_sha,
             append=spec.append,

@@ -30,6 +30,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
         action="store_false",
         help="no virtio-balloon (free page hinting) device",
     )
+    c.add_argument(
+        "--display",
+        choices=["none", "std"],
+        default="none",
+        help="std: give the guest a VGA card, to see it over --vnc (part of the base's "
+        "hardware: every resume of this base has it); none: serial console only",
+    )
     c.add_argument("--kernel", type=Path, help="boot this kernel directly")
     c.add_argument("--initrd", type=Path)
     c.add_argument("--append", help="kernel command line")
@@ -41,7 +48,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     ready.add_argument(
         "--wait",
         action="store_true",
-        help="snapshot when you press Enter (use --vnc to see the guest)",
+        help="snapshot when you press Enter (see the guest with --display std --vnc ADDR)",
     )
     add_vm_host_options(c)
     c.set_defaults(run=_create)
@@ -76,6 +83,7 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
         machine=args.machine,
         nic_model=args.nic,
         balloon=args.balloon,
+        display=args.display,
         kernel=args.kernel,
         initrd=args.initrd,
         append=args.append,

@@ -29,7 +29,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     how.add_argument(
         "--wait",
         action="store_true",
-        help="customise by hand (e.g. over --vnc or a forwarded ssh), then press Enter",
+        help="customise by hand, then press Enter: through --forward ports (ssh, a web UI), "
+        "or over --vnc if the base was created with --display std",
     )
     c.add_argument("--codec", default="zstd", choices=available_codecs())
     c.add_argument("--level", type=int, help="codec level (default: the codec's own)")

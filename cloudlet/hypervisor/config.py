@@ -20,6 +20,7 @@ from cloudlet.errors import ConfigMismatch, HypervisorError
 LOG = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
+DISPLAYS = frozenset({"none", "std"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class VMConfig:
     disk_bus: str = "virtio"
     nic_model: str = "e1000"
     balloon: bool = True  # virtio-balloon-pci with free-page-hint=on
+    display: str = "none"  # "std": a VGA card, for humans on --vnc; "none": serial console only
     kernel_sha256: str | None = None  # direct kernel boot; None when the disk boots itself
     initrd_sha256: str | None = None
     append: str | None = None
@@ -40,6 +42,8 @@ class VMConfig:
     def __post_init__(self) -> None:
         if self.memory_mib <= 0 or self.vcpus <= 0:
             raise ValueError(f"memory_mib and vcpus must be positive: {self}")
+        if self.display not in DISPLAYS:
+            raise ValueError(f"display must be one of {sorted(DISPLAYS)}, not {self.display!r}")
         if self.initrd_sha256 is not None and self.kernel_sha256 is None:
             raise ValueError(
                 "initrd_sha256 is set but kernel_sha256 is not (initrd needs a kernel)"

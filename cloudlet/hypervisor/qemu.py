@@ -48,7 +48,7 @@ _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 
 NIC_DEVICES = {"e1000": "e1000", "virtio": "virtio-net-pci", "rtl8139": "rtl8139"}
 # Fixed PCI slots so the guest sees the same topology whatever else changes on the host.
-NIC_SLOT, DISK_SLOT, BALLOON_SLOT = 3, 4, 5
+VGA_SLOT, NIC_SLOT, DISK_SLOT, BALLOON_SLOT = 2, 3, 4, 5
 
 
 # --- accelerator -------------------------------------------------------------------------------
@@ -214,6 +214,8 @@ def build_command(
         "chardev=qmp0,mode=control",
     ]
     args += ["-display", "none"]
+    if cfg.display == "std":
+        args += ["-device", f"VGA,id=video0,addr={VGA_SLOT:#x}"]
     if spec.vnc:
         args += ["-vnc", spec.vnc]
     if spec.kernel is not None:

@@ -69,3 +69,27 @@ def test_resolve_machine_turns_alias_into_versioned_type():
 def test_resolve_machine_unknown_type_is_a_clear_error():
     with pytest.raises(HypervisorError, match="no machine type 'no-such-board'"):
         resolve_machine("no-such-board")
+
+
+def test_display_is_guest_hardware(tmp_path):
+    """A VGA card is part of the base's config: only a base created with it shows one."""
+    from cloudlet.hypervisor.qemu import LaunchSpec, build_command
+
+    def devices(display: str) -> list[str]:
+        cfg = VMConfig(machine=resolve_machine("pc"), memory_mib=128, display=display)
+        spec = LaunchSpec(
+            config=cfg,
+            disk=tmp_path / "d.raw",
+            disk_format="raw",
+            run_dir=tmp_path,
+            vnc="127.0.0.1:5",
+        )
+        cmd = build_command(spec, tmp_path / "q.sock", tmp_path / "c.sock")
+        return [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device"]
+
+    assert any(d.startswith("VGA,") for d in devices("std"))
+    assert not any(d.startswith("VGA,") for d in devices("none"))
+    with pytest.raises(ConfigMismatch, match="display"):
+        VMConfig.from_dict(
+            {**VMConfig(machine="pc-i440fx-7.2", memory_mib=1).to_dict(), "display": "cinema"}
+        )
