@@ -3,17 +3,75 @@
 The guest-visible hardware comes only from the base's recorded VMConfig, so every resume presents
 exactly what the memory snapshot was saved with; host-side options (port forwards, VNC, extra
 QEMU arguments) may vary per run.
+
+The memory stream is never written to disk: a feeder thread emits it into a FIFO that QEMU
+restores from, so emitting and loading overlap.
 """
 
+import contextlib
+import errno
+import fcntl
 import logging
+import os
+import threading
+import time
 from pathlib import Path
 
+from cloudlet.errors import HypervisorError
 from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import Forward, LaunchSpec, QemuVM
 from cloudlet.memory.stream import MemoryLayout, emit_stream
 from cloudlet.stats import Stats
 
 LOG = logging.getLogger(__name__)
+_F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
+
+
+class _StreamFeeder(threading.Thread):
+    """Writes the migration stream of a memory image into a FIFO once QEMU opens it."""
+
+    def __init__(self, layout: MemoryLayout, image: Path, fifo: Path, timeout: float) -> None:
+        super().__init__(name="memory-stream-feeder", daemon=True)
+        self.layout, self.image, self.fifo = layout, image, fifo
+        self.deadline = time.monotonic() + timeout
+        self.error: BaseException | None = None
+        self.cancelled = threading.Event()
+
+    def run(self) -> None:
+        try:
+            fd = self._open_writer()
+            with open(fd, "wb", buffering=1 << 20) as out:
+                emit_stream(self.layout, self.image, out)
+        except BaseException as exc:  # handed to the thread that waits for the restore
+            self.error = exc
+
+    def _open_writer(self) -> int:
+        # Non-blocking open fails with ENXIO until a reader exists: poll, so that a QEMU which
+        # never gets as far as opening the FIFO cannot hang this thread past the deadline.
+        while True:
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or time.monotonic() > self.deadline:
+                    raise
+                if self.cancelled.wait(0.005):
+                    raise HypervisorError(
+                        "restore abandoned before QEMU opened the stream"
+                    ) from None
+                continue
+            os.set_blocking(fd, True)
+            with contextlib.suppress(OSError):  # fewer, larger hand-overs to QEMU
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
+            return fd
+
+    def result(self, timeout: float) -> None:
+        self.join(timeout)
+        if self.is_alive():
+            raise HypervisorError("QEMU stopped reading the memory stream")
+        if self.error is not None:
+            raise HypervisorError(f"emitting the memory stream failed: {self.error}") from (
+                self.error
+            )
 
 
 def resume_vm(
@@ -33,10 +91,10 @@ def resume_vm(
     timeout: float,
 ) -> QemuVM:
     """Start QEMU on `disk`, restore the memory image into it and leave the guest running."""
-    stream = run_dir / "incoming.stream"
-    with stats.stage("emit memory stream", layout.size):
-        with open(stream, "wb") as out:
-            emit_stream(layout, memory_image, out)
+    fifo = run_dir / "incoming.fifo"
+    os.mkfifo(fifo, 0o600)
+    feeder = _StreamFeeder(layout, memory_image, fifo, timeout)
+    feeder.start()
     spec = LaunchSpec(
         config=config,
         disk=disk,
@@ -47,18 +105,23 @@ def resume_vm(
         forwards=forwards,
         extra_args=extra_args,
         vnc=vnc,
-        incoming=stream,
+        incoming=fifo,
     )
-    vm = QemuVM.launch(spec)
+    vm = None
     try:
-        with stats.stage("restore memory"):
+        with stats.stage("restore memory", layout.size):
+            vm = QemuVM.launch(spec)
             vm.wait_incoming(timeout)
+            feeder.result(timeout)
         with stats.stage("resume"):
             vm.cont()
     except BaseException:
-        vm.kill()
+        if vm is not None:
+            vm.kill()  # a feeder blocked writing now gets EPIPE
+        feeder.cancelled.set()  # one still waiting for QEMU to open the FIFO gives up
+        feeder.join(5)
         raise
     finally:
-        stream.unlink(missing_ok=True)
+        fifo.unlink(missing_ok=True)
     LOG.info("guest resumed from its memory snapshot in %s", run_dir)
     return vm

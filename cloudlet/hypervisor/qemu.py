@@ -327,8 +327,8 @@ class QemuVM:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not Path(spec.disk).exists():
             raise HypervisorError(f"disk image {spec.disk} does not exist")
-        if spec.incoming is not None and not Path(spec.incoming).is_file():
-            raise HypervisorError(f"memory image {spec.incoming} does not exist")
+        if spec.incoming is not None and not Path(spec.incoming).exists():  # a file or a FIFO
+            raise HypervisorError(f"memory stream {spec.incoming} does not exist")
         _check_boot_files(spec)
         sock_dir = None
         if len(str(run_dir / "console.sock")) > _SOCKET_PATH_MAX:

@@ -300,3 +300,55 @@ def test_killed_synthesis_leaves_no_vm_and_is_cleaned_up(home_b: Path, overlay: 
         f"http://127.0.0.1:{port}/",
     )
     assert leftovers(home_b) == []
+
+
+def test_restore_into_other_hardware_fails_fast_and_cleanly(home_a: Path, tmp_path: Path):
+    """QEMU refusing the stream must surface as an error at once: no hang, no QEMU left."""
+    import subprocess as sp
+
+    from cloudlet.basevm.store import BaseStore
+    from cloudlet.errors import HypervisorError
+    from cloudlet.home import CloudletHome
+    from cloudlet.hypervisor.config import VMConfig
+    from cloudlet.memory.stream import MemoryLayout
+    from cloudlet.stats import Stats
+    from cloudlet.vm import resume_vm
+
+    base = BaseStore(CloudletHome(home_a)).get("testguest")
+    smaller = VMConfig.from_dict({**base.config, "memory_mib": 128})
+    disk = tmp_path / "disk.qcow2"
+    sp.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(base.disk_path),
+            "-F",
+            "raw",
+            str(disk),
+        ],
+        check=True,
+    )
+    # QEMU's own refusal, not our timeout: the failure is seen as soon as QEMU gives up
+    with pytest.raises(HypervisorError, match="(?i)mismatch|exited|died"):
+        resume_vm(
+            smaller,
+            disk=disk,
+            disk_format="qcow2",
+            memory_image=base.memory_path,
+            layout=MemoryLayout.from_bytes(base.memory_layout_path.read_bytes()),
+            run_dir=tmp_path,
+            kernel=base.kernel_path,
+            initrd=base.initrd_path,
+            forwards=[],
+            extra_args=[],
+            vnc=None,
+            stats=Stats(),
+            timeout=120,
+        )
+    assert not (tmp_path / "incoming.fifo").exists()
+    ps = sp.run(["pgrep", "-f", f"qemu-system.*{tmp_path}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
