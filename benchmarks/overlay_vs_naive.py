@@ -232,6 +232,8 @@ def main() -> None:
         action="store_true",
         help="boot the base without init_on_free=1 (freed pages keep their data)",
     )
+    ap.add_argument("--memory-mib", type=int, help="guest RAM (default: the test guest's)")
+    ap.add_argument("--disk-mib", type=int, help="grow the base disk to this size first")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -248,12 +250,23 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cloudlet-bench-"))
     try:
         home = CloudletHome(work / "home")
+        base_disk = GUEST / g["disk"]
+        if args.disk_mib:
+            base_disk = work / "base-disk.raw"
+            subprocess.run(
+                ["cp", "--sparse=always", str(GUEST / g["disk"]), str(base_disk)], check=True
+            )
+            subprocess.run(
+                ["qemu-img", "resize", "-q", "-f", "raw", str(base_disk), f"{args.disk_mib}M"],
+                check=True,
+            )
+        memory_mib = args.memory_mib or g["memory_mib"]
         base = create_base(
             home,
             BaseSpec(
-                disk=GUEST / g["disk"],
+                disk=base_disk,
                 name="bench",
-                memory_mib=g["memory_mib"],
+                memory_mib=memory_mib,
                 kernel=GUEST / g["kernel"],
                 initrd=GUEST / g["initrd"],
                 append=append,
@@ -284,7 +297,8 @@ def main() -> None:
             "workload": args.workload,
             "codec": args.codec,
             "init_on_free": not args.no_init_on_free,
-            "memory_mib": g["memory_mib"],
+            "memory_mib": memory_mib,
+            "disk_size": base.disk_size,
             "naive": {
                 "size": naive_size,
                 "disk_zst": disk_zst.stat().st_size,
