@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cloudlet.basevm.store import BaseStore, BaseVM
 from cloudlet.errors import BaseVMError
+from cloudlet.fsutil import clone_sparse
 from cloudlet.hashing import file_sha256
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig, resolve_machine
@@ -131,9 +132,16 @@ def _import_disk(src: Path, dest: Path) -> None:
         raise BaseVMError(f"{src} is not a disk image qemu-img can read: {info.stderr.strip()}")
     fmt = json.loads(info.stdout)["format"]
     if fmt == "raw":
-        cmd = ["cp", "--sparse=always", "--reflink=auto", str(src), str(dest)]
-    else:
-        cmd = ["qemu-img", "convert", "-O", "raw", "-f", fmt, str(src), str(dest)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        try:
+            clone_sparse(src, dest)
+        except OSError as e:
+            raise BaseVMError(f"cannot copy {src}: {e}") from e
+        return
+    done = subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", "-f", fmt, str(src), str(dest)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if done.returncode != 0:
-        raise BaseVMError(f"cannot copy {src}: {done.stderr.strip()}")
+        raise BaseVMError(f"cannot convert {src} to raw: {done.stderr.strip()}")

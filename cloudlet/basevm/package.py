@@ -45,6 +45,7 @@ from cloudlet.basevm.store import (
     read_config,
 )
 from cloudlet.errors import BaseExists, BasePackageError
+from cloudlet.fsutil import fsync_dir
 from cloudlet.hashing import READ_SIZE
 from cloudlet.home import CloudletHome
 from cloudlet.index import ChunkIndex
@@ -259,7 +260,7 @@ def export_base(
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -286,14 +287,6 @@ def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
     info.mode = 0o644
     info.type = tarfile.REGTYPE
     return info
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- import -------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import numpy as np
 import cloudlet
 from cloudlet.chunks import CHUNK_SIZE, Kind, Target, chunk_count
 from cloudlet.codecs import Codec, NullCodec, get_codec
+from cloudlet.fsutil import fsync_dir
 from cloudlet.overlay import format as fmt
 
 LOG = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ class OverlayWriter:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._closed = True
         self._spool.close()
         self._spool_path.unlink(missing_ok=True)
@@ -441,11 +442,3 @@ def _copy_all(src: BinaryIO, dst: BinaryIO, length: int) -> None:
             raise OSError(f"frame spool ended at {offset} of {length} bytes")
         dst.write(block)
         offset += len(block)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

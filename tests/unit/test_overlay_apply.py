@@ -262,23 +262,3 @@ def test_existing_outputs_survive_a_failed_apply(scene: Scene) -> None:
         scene.apply(base_id="c1" * 32)
     assert os.listdir(scene.out) == ["disk.raw"]
     assert (scene.out / "disk.raw").read_bytes() == b"previous"
-
-
-@pytest.mark.parametrize("size", [0, 5 * C + 7, 300 * C])
-def test_fallback_copy_without_cp_keeps_content_and_holes(tmp_path: Path, size: int) -> None:
-    """The in-Python copy used where GNU cp is missing: same bytes, holes stay holes."""
-    from cloudlet.overlay.apply import _sparse_copy
-
-    src = tmp_path / "base"
-    with open(src, "wb") as f:
-        f.truncate(256 * C)
-        f.seek(100 * C)
-        f.write(_noise(7, 3 * C))
-    fd = os.open(tmp_path / "copy", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        _sparse_copy(src, fd, size)
-    finally:
-        os.close(fd)
-    want = src.read_bytes()[:size].ljust(size, b"\0")
-    assert (tmp_path / "copy").read_bytes() == want
-    assert (tmp_path / "copy").stat().st_blocks * 512 <= 64 * C
