@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from cloudlet.basevm.create import BaseSpec, Readiness, create_base  # noqa: E402
 from cloudlet.basevm.store import BaseStore  # noqa: E402
+from cloudlet.disk import create_cow  # noqa: E402
 from cloudlet.home import CloudletHome  # noqa: E402
 from cloudlet.hypervisor.config import VMConfig  # noqa: E402
 from cloudlet.hypervisor.qemu import Forward, LaunchSpec, QemuVM, free_port, http_get  # noqa: E402
@@ -34,7 +35,7 @@ from cloudlet.memory.stream import MemoryLayout  # noqa: E402
 from cloudlet.overlay.create import OverlaySpec, build_overlay  # noqa: E402
 from cloudlet.stats import Stats  # noqa: E402
 from cloudlet.synthesis import SynthesisSpec, synthesize  # noqa: E402
-from cloudlet.vm import resume_vm  # noqa: E402
+from cloudlet.vm import HostOptions, resume_base  # noqa: E402
 
 WORKLOADS = {
     # what tools/demo.sh does: a page on disk, a RAM-only web server, 1 MiB of random data
@@ -126,7 +127,7 @@ def phase_synth(home: str, overlay: str, expect: str) -> None:
     port = free_port()
     stats = Stats()
     start = time.monotonic()
-    spec = SynthesisSpec(overlay=Path(overlay), forwards=[Forward("tcp", port, 80)])
+    spec = SynthesisSpec(overlay=Path(overlay), host=HostOptions([Forward("tcp", port, 80)]))
     with synthesize(CloudletHome(Path(home)), spec, stats):
         resumed = time.monotonic() - start
         wait_http(port, expect)
@@ -146,36 +147,17 @@ def phase_synth(home: str, overlay: str, expect: str) -> None:
 def capture(home: CloudletHome, base, workload: str, work: Path) -> tuple[Path, Path]:
     """Resume the base, customise, save memory; return (memory stream, qcow2 diff disk)."""
     disk = work / "custom.qcow2"
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            str(base.disk_path),
-            "-F",
-            "raw",
-            str(disk),
-        ],
-        check=True,
-    )
+    create_cow(base.disk_path, disk)
     stream = work / "custom.stream"
-    layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
     run = home.new_run_dir("bench")
-    vm = resume_vm(
-        VMConfig.from_dict(base.config),
+    vm = resume_base(
+        base,
         disk=disk,
         disk_format="qcow2",
         memory_image=base.memory_path,
-        layout=layout,
+        layout=MemoryLayout.from_bytes(base.memory_layout_path.read_bytes()),
         run_dir=run,
-        kernel=base.kernel_path,
-        initrd=base.initrd_path,
-        forwards=[],
-        extra_args=[],
-        vnc=None,
+        host=HostOptions(),
         stats=Stats(),
         timeout=300,
     )

@@ -51,17 +51,41 @@ class Extent:
         return self.start + self.length
 
 
-def _qemu_img(*args: str) -> Any:
+def _qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT, output_json: bool = True) -> Any:
     cmd = ["qemu-img", *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError as e:
         raise ImageError("qemu-img not found: install QEMU's tools (qemu-utils)") from e
     except subprocess.TimeoutExpired as e:
-        raise ImageError(f"{' '.join(cmd)} did not finish in {QEMU_IMG_TIMEOUT} s") from e
+        raise ImageError(f"{' '.join(cmd)} did not finish in {timeout} s") from e
     if proc.returncode != 0:
         raise ImageError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout) if output_json else None
+
+
+def create_cow(base_raw: Path, dest: Path) -> None:
+    """A qcow2 over a raw base image: a VM's writes land in it, the base is never modified."""
+    _qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        str(base_raw.resolve()),
+        "-F",
+        "raw",
+        str(dest),
+        output_json=False,
+    )
+
+
+def convert_to_raw(src: Path, fmt: str, dest: Path) -> None:
+    """Write any image qemu-img reads as a raw image (bounded by 10 MB/s of virtual size)."""
+    timeout = QEMU_IMG_TIMEOUT + virtual_size(src) / 10e6
+    _qemu_img(
+        "convert", "-O", "raw", "-f", fmt, str(src), str(dest), timeout=timeout, output_json=False
+    )
 
 
 def image_info(path: Path) -> dict[str, Any]:

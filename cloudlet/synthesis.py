@@ -10,13 +10,13 @@ from cloudlet.basevm.store import BaseStore, BaseVM
 from cloudlet.errors import BaseNotFound, WrongBase
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
-from cloudlet.hypervisor.qemu import Forward, QemuVM
+from cloudlet.hypervisor.qemu import QemuVM
 from cloudlet.index import ChunkIndex
 from cloudlet.memory.stream import MemoryLayout
 from cloudlet.overlay.apply import apply_overlay
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.stats import Stats
-from cloudlet.vm import resume_vm
+from cloudlet.vm import HostOptions, resume_base
 
 LOG = logging.getLogger(__name__)
 
@@ -24,9 +24,7 @@ LOG = logging.getLogger(__name__)
 @dataclass
 class SynthesisSpec:
     overlay: Path
-    forwards: list[Forward] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
-    vnc: str | None = None
+    host: HostOptions = field(default_factory=HostOptions)
     timeout: float = 300.0
 
 
@@ -87,18 +85,14 @@ def synthesize(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> Synthes
             )
         for name, seconds in applied.stage_seconds().items():
             stats.counters[f"  {name}"] = f"{seconds:.2f} s"
-        vm = resume_vm(
-            config,
+        vm = resume_base(
+            base,
             disk=disk,
             disk_format="raw",
             memory_image=memory,
             layout=layout,
             run_dir=run_dir,
-            kernel=base.kernel_path,
-            initrd=base.initrd_path,
-            forwards=spec.forwards,
-            extra_args=spec.extra_args,
-            vnc=spec.vnc,
+            host=spec.host,
             stats=stats,
             timeout=spec.timeout,
         )

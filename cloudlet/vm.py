@@ -15,8 +15,10 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloudlet.basevm.store import BaseVM
 from cloudlet.errors import HypervisorError
 from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import Forward, LaunchSpec, QemuVM
@@ -25,6 +27,15 @@ from cloudlet.stats import Stats
 
 LOG = logging.getLogger(__name__)
 _F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
+
+
+@dataclass
+class HostOptions:
+    """Host-side settings of one run of a VM: they may differ between runs of the same base."""
+
+    forwards: list[Forward] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # passed to QEMU verbatim
+    vnc: str | None = None
 
 
 class _StreamFeeder(threading.Thread):
@@ -84,9 +95,7 @@ def resume_vm(
     run_dir: Path,
     kernel: Path | None,
     initrd: Path | None,
-    forwards: list[Forward],
-    extra_args: list[str],
-    vnc: str | None,
+    host: HostOptions,
     stats: Stats,
     timeout: float,
 ) -> QemuVM:
@@ -102,9 +111,9 @@ def resume_vm(
         run_dir=run_dir,
         kernel=kernel,
         initrd=initrd,
-        forwards=forwards,
-        extra_args=extra_args,
-        vnc=vnc,
+        forwards=host.forwards,
+        extra_args=host.extra_args,
+        vnc=host.vnc,
         incoming=fifo,
     )
     vm = None
@@ -125,3 +134,31 @@ def resume_vm(
         fifo.unlink(missing_ok=True)
     LOG.info("guest resumed from its memory snapshot in %s", run_dir)
     return vm
+
+
+def resume_base(
+    base: BaseVM,
+    *,
+    disk: Path,
+    disk_format: str,
+    memory_image: Path,
+    layout: MemoryLayout,
+    run_dir: Path,
+    host: HostOptions,
+    stats: Stats,
+    timeout: float,
+) -> QemuVM:
+    """resume_vm with the hardware, kernel and initrd the base was saved with."""
+    return resume_vm(
+        VMConfig.from_dict(base.config),
+        disk=disk,
+        disk_format=disk_format,
+        memory_image=memory_image,
+        layout=layout,
+        run_dir=run_dir,
+        kernel=base.kernel_path,
+        initrd=base.initrd_path,
+        host=host,
+        stats=stats,
+        timeout=timeout,
+    )

@@ -3,20 +3,21 @@
 import json
 import logging
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudlet.basevm.store import BaseStore, BaseVM
+from cloudlet.disk import convert_to_raw, disk_format
 from cloudlet.errors import BaseVMError
 from cloudlet.fsutil import clone_sparse
 from cloudlet.hashing import file_sha256
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig, resolve_machine
-from cloudlet.hypervisor.qemu import Forward, LaunchSpec, QemuVM
+from cloudlet.hypervisor.qemu import LaunchSpec, QemuVM
 from cloudlet.memory.stream import parse_stream
 from cloudlet.stats import Stats
+from cloudlet.vm import HostOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -45,9 +46,7 @@ class BaseSpec:
     kernel: Path | None = None
     initrd: Path | None = None
     append: str | None = None
-    forwards: list[Forward] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
-    vnc: str | None = None
+    host: HostOptions = field(default_factory=HostOptions)
 
 
 def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Stats) -> BaseVM:
@@ -92,9 +91,9 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
             run_dir=run_dir,
             kernel=staging / "kernel" if spec.kernel else None,
             initrd=staging / "initrd" if spec.initrd else None,
-            forwards=spec.forwards,
-            extra_args=spec.extra_args,
-            vnc=spec.vnc,
+            forwards=spec.host.forwards,
+            extra_args=spec.host.extra_args,
+            vnc=spec.host.vnc,
         )
         stream = run_dir / "memory.stream"
         with QemuVM.launch(launch) as vm:
@@ -122,26 +121,11 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
 
 def _import_disk(src: Path, dest: Path) -> None:
     """The base keeps a raw disk: copy raw sparsely, convert anything else with qemu-img."""
-    info = subprocess.run(
-        ["qemu-img", "info", "--output=json", "-U", str(src)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if info.returncode != 0:
-        raise BaseVMError(f"{src} is not a disk image qemu-img can read: {info.stderr.strip()}")
-    fmt = json.loads(info.stdout)["format"]
-    if fmt == "raw":
-        try:
-            clone_sparse(src, dest)
-        except OSError as e:
-            raise BaseVMError(f"cannot copy {src}: {e}") from e
+    fmt = disk_format(src)
+    if fmt != "raw":
+        convert_to_raw(src, fmt, dest)
         return
-    done = subprocess.run(
-        ["qemu-img", "convert", "-O", "raw", "-f", fmt, str(src), str(dest)],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if done.returncode != 0:
-        raise BaseVMError(f"cannot convert {src} to raw: {done.stderr.strip()}")
+    try:
+        clone_sparse(src, dest)
+    except OSError as e:
+        raise BaseVMError(f"cannot copy {src}: {e}") from e

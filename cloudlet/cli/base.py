@@ -7,7 +7,7 @@ from pathlib import Path
 from cloudlet.basevm.create import BaseSpec, Readiness, create_base
 from cloudlet.basevm.package import export_base, import_base
 from cloudlet.basevm.store import BaseStore, BaseVM
-from cloudlet.cli.common import add_vm_host_options, print_stats, wait_for_enter
+from cloudlet.cli.common import add_vm_host_options, host_options, print_stats, wait_for_enter
 from cloudlet.home import CloudletHome
 from cloudlet.stats import Progress, StageLine, Stats, human_bytes
 
@@ -87,9 +87,7 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
         kernel=args.kernel,
         initrd=args.initrd,
         append=args.append,
-        forwards=args.forward,
-        extra_args=args.qemu_args,
-        vnc=args.vnc,
+        host=host_options(args),
     )
     ready = Readiness(
         marker=args.ready_marker,

@@ -6,6 +6,7 @@ import sys
 
 from cloudlet.hypervisor.qemu import Forward
 from cloudlet.stats import Stats
+from cloudlet.vm import HostOptions
 
 
 def add_vm_host_options(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,10 @@ def add_vm_host_options(p: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds any single step may take before it is abandoned (default 600)",
     )
+
+
+def host_options(args: argparse.Namespace) -> HostOptions:
+    return HostOptions(forwards=args.forward, extra_args=args.qemu_args, vnc=args.vnc)
 
 
 def print_stats(title: str, stats: Stats, as_json: bool = False) -> None:

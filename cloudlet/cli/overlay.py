@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cloudlet.basevm.store import BaseStore
 from cloudlet.chunks import Kind, Target
-from cloudlet.cli.common import add_vm_host_options, print_stats, wait_for_enter
+from cloudlet.cli.common import add_vm_host_options, host_options, print_stats, wait_for_enter
 from cloudlet.codecs import available_codecs
 from cloudlet.home import CloudletHome
 from cloudlet.overlay.create import Customisation, OverlaySpec, create_overlay
@@ -56,9 +56,7 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
         output=args.output,
         codec=args.codec,
         level=args.level,
-        forwards=args.forward,
-        extra_args=args.qemu_args,
-        vnc=args.vnc,
+        host=host_options(args),
     )
     stats = Stats(listener=StageLine())
     create_overlay(home, base, spec, custom, stats)

@@ -6,7 +6,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cloudlet.cli.common import add_vm_host_options, print_stats
+from cloudlet.cli.common import add_vm_host_options, host_options, print_stats
 from cloudlet.errors import GuestTimeout
 from cloudlet.home import CloudletHome
 from cloudlet.stats import StageLine, Stats
@@ -39,9 +39,7 @@ def _run(home: CloudletHome, args: argparse.Namespace) -> int:
     stats = Stats(listener=StageLine())
     spec = SynthesisSpec(
         overlay=args.overlay,
-        forwards=args.forward,
-        extra_args=args.qemu_args,
-        vnc=args.vnc,
+        host=host_options(args),
         timeout=args.timeout,
     )
     start = time.monotonic()

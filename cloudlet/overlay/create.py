@@ -3,7 +3,6 @@
 import json
 import logging
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,17 +13,17 @@ from cloudlet.basevm.store import BaseVM
 from cloudlet.chunks import Kind, Target, chunk_count
 from cloudlet.dedup import Deduplicator
 from cloudlet.diff import ChangedBatch, changed_chunks
-from cloudlet.disk import changed_disk_chunks, virtual_size
+from cloudlet.disk import changed_disk_chunks, create_cow, virtual_size
 from cloudlet.errors import ConfigMismatch
 from cloudlet.hashing import ZERO_CHUNK_DIGEST, tree_digest, window_digests
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
-from cloudlet.hypervisor.qemu import Forward, QemuVM
+from cloudlet.hypervisor.qemu import QemuVM
 from cloudlet.index import ChunkIndex
 from cloudlet.memory.stream import MemoryLayout, parse_stream
 from cloudlet.overlay.writer import OverlayInfo, OverlayWriter
 from cloudlet.stats import Stats
-from cloudlet.vm import resume_vm
+from cloudlet.vm import HostOptions, resume_base
 
 LOG = logging.getLogger(__name__)
 
@@ -43,9 +42,7 @@ class OverlaySpec:
     output: Path
     codec: str = "zstd"
     level: int | None = None
-    forwards: list[Forward] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
-    vnc: str | None = None
+    host: HostOptions = field(default_factory=HostOptions)
 
 
 def create_overlay(
@@ -54,20 +51,15 @@ def create_overlay(
     run_dir = home.new_run_dir("overlay")
     try:
         disk = run_dir / "disk.qcow2"
-        _cow_disk(base.disk_path, disk)
-        layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
-        vm = resume_vm(
-            VMConfig.from_dict(base.config),
+        create_cow(base.disk_path, disk)
+        vm = resume_base(
+            base,
             disk=disk,
             disk_format="qcow2",
             memory_image=base.memory_path,
-            layout=layout,
+            layout=MemoryLayout.from_bytes(base.memory_layout_path.read_bytes()),
             run_dir=run_dir,
-            kernel=base.kernel_path,
-            initrd=base.initrd_path,
-            forwards=spec.forwards,
-            extra_args=spec.extra_args,
-            vnc=spec.vnc,
+            host=spec.host,
             stats=stats,
             timeout=custom.timeout,
         )
@@ -114,27 +106,6 @@ def build_overlay(
         return _write_overlay(base, config, memory, custom_layout, disk, spec, stats)
     finally:
         memory.unlink(missing_ok=True)
-
-
-def _cow_disk(base_disk: Path, dest: Path) -> None:
-    """A qcow2 over the base disk: the guest's writes land in it, the base is never modified."""
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            str(base_disk.resolve()),
-            "-F",
-            "raw",
-            str(dest),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
 
 
 class _ImageDigests:

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from cloudlet.hypervisor.qemu import free_port
+from cloudlet.basevm.store import BaseStore
+from cloudlet.disk import create_cow
+from cloudlet.errors import HypervisorError
+from cloudlet.home import CloudletHome
+from cloudlet.hypervisor.config import VMConfig
+from cloudlet.hypervisor.qemu import Forward, free_port
+from cloudlet.memory.stream import MemoryLayout
+from cloudlet.overlay import format as overlay_format
+from cloudlet.stats import Stats
+from cloudlet.synthesis import SynthesisSpec, synthesize
+from cloudlet.vm import HostOptions, resume_vm
 
 pytestmark = pytest.mark.qemu
 
@@ -165,13 +175,11 @@ def test_synthesis_in_fresh_home_resumes_customised_guest(home_b: Path, overlay:
 
 def test_synthesized_guest_continues_the_same_boot(home_b: Path, overlay: Path):
     """The boot id recorded in RAM before capture equals the running kernel's boot id."""
-    from cloudlet.home import CloudletHome
-    from cloudlet.hypervisor.qemu import Forward
-    from cloudlet.stats import Stats
-    from cloudlet.synthesis import SynthesisSpec, synthesize
 
     port = free_port()
-    spec = SynthesisSpec(overlay=overlay, forwards=[Forward("tcp", port, 8080)], timeout=120)
+    spec = SynthesisSpec(
+        overlay=overlay, host=HostOptions([Forward("tcp", port, 8080)]), timeout=120
+    )
     with synthesize(CloudletHome(home_b), spec, Stats()) as synth:
         recorded = http_get(port).rsplit(":", 1)[1].strip()
         now = synth.vm.run_in_guest("cat /proc/sys/kernel/random/boot_id", timeout=60)
@@ -225,15 +233,11 @@ def test_damaged_overlay_is_refused(home_b: Path, overlay: Path, tmp_path: Path,
 
 
 def _manifest_offset(path: Path) -> int:
-    from cloudlet.overlay import format as fmt
-
-    return fmt.HEADER_SIZE
+    return overlay_format.HEADER_SIZE  # the manifest follows the fixed-size header
 
 
 def _version_offset() -> int:
-    from cloudlet.overlay import format as fmt
-
-    return len(fmt.MAGIC)  # the major version follows the magic
+    return len(overlay_format.MAGIC)  # the major version follows the magic
 
 
 def test_overlay_for_another_base_is_refused(tmp_path: Path, overlay: Path):
@@ -304,34 +308,11 @@ def test_killed_synthesis_leaves_no_vm_and_is_cleaned_up(home_b: Path, overlay: 
 
 def test_restore_into_other_hardware_fails_fast_and_cleanly(home_a: Path, tmp_path: Path):
     """QEMU refusing the stream must surface as an error at once: no hang, no QEMU left."""
-    import subprocess as sp
-
-    from cloudlet.basevm.store import BaseStore
-    from cloudlet.errors import HypervisorError
-    from cloudlet.home import CloudletHome
-    from cloudlet.hypervisor.config import VMConfig
-    from cloudlet.memory.stream import MemoryLayout
-    from cloudlet.stats import Stats
-    from cloudlet.vm import resume_vm
 
     base = BaseStore(CloudletHome(home_a)).get("testguest")
     smaller = VMConfig.from_dict({**base.config, "memory_mib": 128})
     disk = tmp_path / "disk.qcow2"
-    sp.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            str(base.disk_path),
-            "-F",
-            "raw",
-            str(disk),
-        ],
-        check=True,
-    )
+    create_cow(base.disk_path, disk)
     # QEMU's own refusal, not our timeout: the failure is seen as soon as QEMU gives up
     with pytest.raises(HypervisorError, match="(?i)mismatch|exited|died"):
         resume_vm(
@@ -343,12 +324,10 @@ def test_restore_into_other_hardware_fails_fast_and_cleanly(home_a: Path, tmp_pa
             run_dir=tmp_path,
             kernel=base.kernel_path,
             initrd=base.initrd_path,
-            forwards=[],
-            extra_args=[],
-            vnc=None,
+            host=HostOptions(),
             stats=Stats(),
             timeout=120,
         )
     assert not (tmp_path / "incoming.fifo").exists()
-    ps = sp.run(["pgrep", "-f", f"qemu-system.*{tmp_path}"], capture_output=True, text=True)
+    ps = subprocess.run(["pgrep", "-f", f"qemu-system.*{tmp_path}"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""
