@@ -60,7 +60,7 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
     run_dir = home.new_run_dir("base")
     try:
         with stats.stage("copy disk"):
-            _import_disk(spec.disk, staging / "disk.raw")
+            copy_disk_as_raw(spec.disk, staging / "disk.raw")
         kernel_sha = initrd_sha = None
         if spec.kernel:
             shutil.copyfile(spec.kernel, staging / "kernel")
@@ -119,7 +119,7 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _import_disk(src: Path, dest: Path) -> None:
+def copy_disk_as_raw(src: Path, dest: Path) -> None:
     """The base keeps a raw disk: copy raw sparsely, convert anything else with qemu-img."""
     fmt = disk_format(src)
     if fmt != "raw":
