@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cloudlet.basevm.create import BaseSpec, Readiness, create_base  # noqa: E402
-from cloudlet.basevm.store import BaseStore  # noqa: E402
+from cloudlet.basevm.store import BaseStore, BaseVM  # noqa: E402
 from cloudlet.disk import create_cow  # noqa: E402
+from cloudlet.fsutil import clone_sparse  # noqa: E402
 from cloudlet.home import CloudletHome  # noqa: E402
 from cloudlet.hypervisor.config import VMConfig  # noqa: E402
 from cloudlet.hypervisor.qemu import Forward, LaunchSpec, QemuVM, free_port, http_get  # noqa: E402
@@ -201,6 +202,46 @@ def naive_synth(
     return {"decompress": decompressed, "resumed": resumed, "first_response": first}
 
 
+def guest_base(
+    work: Path,
+    memory_mib: int | None = None,
+    disk_mib: int | None = None,
+    init_on_free: bool = True,
+) -> tuple[CloudletHome, BaseVM]:
+    """A cloudlet home under `work` holding a base VM made from the test guest."""
+    subprocess.run(
+        ["bash", str(REPO / "tools/testguest/build.sh"), str(GUEST)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    g = json.loads((GUEST / "guest.json").read_text())
+    append = g["append"]
+    if not init_on_free:
+        append = " ".join(w for w in append.split() if w != "init_on_free=1")
+    home = CloudletHome(work / "home")
+    base_disk = GUEST / g["disk"]
+    if disk_mib:
+        base_disk = work / "base-disk.raw"
+        clone_sparse(GUEST / g["disk"], base_disk)
+        subprocess.run(
+            ["qemu-img", "resize", "-q", "-f", "raw", str(base_disk), f"{disk_mib}M"], check=True
+        )
+    base = create_base(
+        home,
+        BaseSpec(
+            disk=base_disk,
+            name="bench",
+            memory_mib=memory_mib or g["memory_mib"],
+            kernel=GUEST / g["kernel"],
+            initrd=GUEST / g["initrd"],
+            append=append,
+        ),
+        Readiness(marker=g["ready_marker"]),
+        Stats(),
+    )
+    return home, base
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_build":
         return phase_build(*sys.argv[2:])
@@ -219,42 +260,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    subprocess.run(
-        ["bash", str(REPO / "tools/testguest/build.sh"), str(GUEST)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    g = json.loads((GUEST / "guest.json").read_text())
-    append = g["append"]
-    if args.no_init_on_free:
-        append = " ".join(w for w in append.split() if w != "init_on_free=1")
     expect = "app ready" if args.workload == "app" else "hello from the cloudlet overlay"
     work = Path(tempfile.mkdtemp(prefix="cloudlet-bench-"))
     try:
-        home = CloudletHome(work / "home")
-        base_disk = GUEST / g["disk"]
-        if args.disk_mib:
-            base_disk = work / "base-disk.raw"
-            subprocess.run(
-                ["cp", "--sparse=always", str(GUEST / g["disk"]), str(base_disk)], check=True
-            )
-            subprocess.run(
-                ["qemu-img", "resize", "-q", "-f", "raw", str(base_disk), f"{args.disk_mib}M"],
-                check=True,
-            )
-        memory_mib = args.memory_mib or g["memory_mib"]
-        base = create_base(
-            home,
-            BaseSpec(
-                disk=base_disk,
-                name="bench",
-                memory_mib=memory_mib,
-                kernel=GUEST / g["kernel"],
-                initrd=GUEST / g["initrd"],
-                append=append,
-            ),
-            Readiness(marker=g["ready_marker"]),
-            Stats(),
+        home, base = guest_base(
+            work, args.memory_mib, args.disk_mib, init_on_free=not args.no_init_on_free
         )
         stream, disk = capture(home, base, WORKLOADS[args.workload], work)
 
@@ -279,7 +289,7 @@ def main() -> None:
             "workload": args.workload,
             "codec": args.codec,
             "init_on_free": not args.no_init_on_free,
-            "memory_mib": memory_mib,
+            "memory_mib": base.config["memory_mib"],
             "disk_size": base.disk_size,
             "naive": {
                 "size": naive_size,
