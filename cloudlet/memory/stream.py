@@ -17,11 +17,12 @@ hooks) is refused with MemoryStreamError naming what was found and where.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -93,6 +94,8 @@ _READ_SIZE = 4 << 20  # bytes asked of the source per refill
 _WRITE_BATCH = 4 << 20  # contiguous page bytes gathered before one pwrite
 _EMIT_WINDOW = 1 << 20  # image bytes scanned for zero pages at a time when emitting
 _OUT_BATCH = 1 << 20  # small output pieces gathered before one write
+_MIN_HOLE = 256 << 10  # shorter holes may be read and scanned with the data around them
+_ZERO_BATCH = 1 << 17  # ZERO records built per numpy array for a hole (1.1 MiB of stream)
 
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
@@ -692,6 +695,8 @@ def emit_stream(layout: MemoryLayout, image: Path, out: BinaryIO) -> None:
         fd = f.fileno()
         for b in layout.blocks:
             _emit_block(o, fd, b)
+        if os.fstat(fd).st_size < layout.size:  # holes past a new end would read as zeros
+            raise MemoryStreamError(f"memory image {image} was truncated while being emitted")
     o.write(eos + footer)
     o.write(bytes([SEC_END]) + _BE32.pack(sid) + eos + footer)
     o.write(layout.tail)
@@ -706,27 +711,108 @@ def _str8(name: bytes) -> bytes:
 
 
 def _emit_block(o: _Output, fd: int, block: RamBlock) -> None:
+    """Records for every page of a block: holes become ZERO records without being read."""
     name = _str8(block.name.encode())
-    pos = 0
-    while pos < block.length:
-        n = min(_EMIT_WINDOW, block.length - pos)
-        data = os.pread(fd, n, block.offset + pos)
-        if len(data) != n:
-            raise MemoryStreamError(f"memory image ends inside block {block.name!r}")
-        zero = zero_chunk_mask(data)
-        first = 0
-        if pos == 0:
-            # The block's first page names it; every later record says CONTINUE.
-            if zero[0]:
-                o.write(_BE64.pack(RAM_SAVE_FLAG_ZERO) + name + b"\0")
-            else:
-                o.write(_BE64.pack(RAM_SAVE_FLAG_PAGE) + name + data[:PAGE_SIZE])
-            first = 1
-        _emit_runs(o, data, zero, first, pos)
-        pos += n
+    buf = memoryview(bytearray(_EMIT_WINDOW))  # reused: records copy what they keep
+    pos = 0  # block-relative offset of the next page to emit
+    for start, end in _data_ranges(fd, block.offset, block.offset + block.length):
+        s, e = start - block.offset, end - block.offset
+        if s > pos:
+            _emit_zeros(o, name, pos, (s - pos) // PAGE_SIZE)
+        while s < e:
+            n = min(_EMIT_WINDOW, e - s)
+            if os.preadv(fd, [buf[:n]], block.offset + s) != n:
+                raise MemoryStreamError(f"memory image ends inside block {block.name!r}")
+            _emit_window(o, name, buf[:n], s)
+            s += n
+        pos = e
+    if pos < block.length:
+        _emit_zeros(o, name, pos, (block.length - pos) // PAGE_SIZE)
 
 
-def _emit_runs(o: _Output, data: bytes, zero: np.ndarray, first: int, base: int) -> None:
+_SEEK_DATA: int | None = getattr(os, "SEEK_DATA", None)
+_SEEK_HOLE: int | None = getattr(os, "SEEK_HOLE", None)
+
+
+def _data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Page-aligned, ascending ranges of [start, end) that may hold data; the rest is holes.
+
+    `start` and `end` are page-aligned and within the file. SEEK_DATA / SEEK_HOLE find the
+    extents, but at most one probe pair per _MIN_HOLE bytes of data: in fragmented RAM a
+    syscall pair per extent would cost more than reading the small holes between them, so
+    holes shorter than _MIN_HOLE may be read and scanned with the data around them (longer
+    ones are always skipped, from at most _MIN_HOLE into them). Without SEEK_DATA support
+    (no such constant, or EINVAL / EOPNOTSUPP from the filesystem) everything is data.
+    """
+    run: int | None = None  # start of the data range being built
+    pos = start  # next probe: everything before it is in `run` or already yielded
+    while pos < end:
+        data = _seek(fd, pos, _SEEK_DATA, end)
+        if data is None:  # no hole support: the rest is data
+            yield (pos if run is None else run), end
+            return
+        if data >= pos + _MIN_HOLE or data >= end:
+            if run is not None:
+                yield run, pos
+                run = None
+            pos = data - data % PAGE_SIZE
+            continue
+        if run is None:
+            run = data - data % PAGE_SIZE
+        hole = _seek(fd, data, _SEEK_HOLE, end)
+        hole = end if hole is None else min(end, _align(hole, PAGE_SIZE))
+        pos = max(hole, pos + _MIN_HOLE)
+    if run is not None:
+        yield run, end
+
+
+def _seek(fd: int, pos: int, whence: int | None, end: int) -> int | None:
+    """lseek SEEK_DATA/SEEK_HOLE: `end` when no data follows, None when unsupported."""
+    if whence is None:
+        return None
+    try:
+        return os.lseek(fd, pos, whence)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return end  # nothing but hole from pos on
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def _emit_window(o: _Output, name: bytes, data: memoryview, base: int) -> None:
+    """Records for the pages of `data`, read from block-relative offset `base`."""
+    zero = zero_chunk_mask(data)
+    first = 0
+    if base == 0:
+        # The block's first page names it; every later record says CONTINUE.
+        if zero[0]:
+            o.write(_BE64.pack(RAM_SAVE_FLAG_ZERO) + name + b"\0")
+        else:
+            o.write(_BE64.pack(RAM_SAVE_FLAG_PAGE) + name + data[:PAGE_SIZE])
+        first = 1
+    _emit_runs(o, data, zero, first, base)
+
+
+def _emit_zeros(o: _Output, name: bytes, base: int, count: int) -> None:
+    """ZERO records (fill 0) for `count` pages from block-relative `base`, built with numpy."""
+    if count and base == 0:
+        o.write(_BE64.pack(RAM_SAVE_FLAG_ZERO) + name + b"\0")
+        base += PAGE_SIZE
+        count -= 1
+    flags = np.uint64(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE)
+    while count:
+        k = min(count, _ZERO_BATCH)
+        rec = np.zeros(k, dtype=_ZERO_REC)
+        rec["addr"] = (
+            np.arange(k, dtype=np.uint64) * np.uint64(PAGE_SIZE) + np.uint64(base)
+        ) | flags
+        o.write(rec.view(np.uint8).data)
+        base += k * PAGE_SIZE
+        count -= k
+
+
+def _emit_runs(o: _Output, data: memoryview, zero: np.ndarray, first: int, base: int) -> None:
     """Records for pages [first:] of a window, one numpy record array per run of one kind."""
     n = len(zero)
     if first >= n:

@@ -184,6 +184,26 @@ def test_parse_emit_parse_gives_identical_image_and_layout(workdir, parsed):
     assert _same_file(image, workdir / "again.img")
 
 
+def test_emit_skipping_holes_equals_reading_everything(workdir, parsed, monkeypatch):
+    """A sparse copy of a real guest's image (holes where RAM is zero) emits the same stream
+    as reading every byte of it."""
+    from cloudlet.memory import stream
+
+    layout, image = parsed
+    sparse = workdir / "sparse.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(sparse)], check=True, timeout=60)
+    out = {}
+    for name, path in (("parsed", image), ("sparse", sparse)):
+        with open(workdir / f"{name}.qevm", "wb") as f:
+            emit_stream(layout, path, f)
+    monkeypatch.setattr(stream, "_SEEK_DATA", None)  # as on a filesystem without holes
+    with open(workdir / "scan.qevm", "wb") as f:
+        emit_stream(layout, image, f)
+    for name in ("parsed", "sparse"):
+        out[name] = _same_file(workdir / f"{name}.qevm", workdir / "scan.qevm")
+    assert out == {"parsed": True, "sparse": True}
+
+
 def test_emitted_stream_restores_the_same_guest(workdir, parsed, pattern):
     """QEMU accepts the emitted stream; the restored guest holds the same RAM and runs."""
     layout, image = parsed

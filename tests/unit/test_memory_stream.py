@@ -452,3 +452,134 @@ def test_open_snapshot_recognises_bare_streams_and_garbage(tmp_path):
     junk.write_bytes(b"\x7fELF" + bytes(100))
     with pytest.raises(MemoryStreamError, match="neither"):
         open_snapshot(junk)
+
+
+# --- Emitting from sparse images: holes are skipped, the stream is byte-identical. ---
+
+KIB, MIB = 1 << 10, 1 << 20
+
+
+def full_scan_stream(layout: MemoryLayout, image: Path) -> bytes:
+    """The canonical stream as a plain model: read every page, one record per page."""
+    data = image.read_bytes()
+    c = RAM_SAVE_FLAG_CONTINUE
+    ram = b""
+    for b in layout.blocks:
+        for addr in range(0, b.length, PAGE_SIZE):
+            p = data[b.offset + addr : b.offset + addr + PAGE_SIZE]
+            name = None if addr else b.name
+            flags = 0 if addr == 0 else c
+            if p == bytes(PAGE_SIZE):
+                ram += rec(addr, RAM_SAVE_FLAG_ZERO | flags, name, b"\0")
+            else:
+                ram += rec(addr, RAM_SAVE_FLAG_PAGE | flags, name, p)
+    blocks = [(b.name, b.length) for b in layout.blocks]
+    return HEAD + start_section(blocks) + section(ram) + section(b"", 0x03) + TAIL
+
+
+def sparse_image(path: Path, size: int, writes: list[tuple[int, bytes]]) -> None:
+    with open(path, "wb") as f:
+        os.ftruncate(f.fileno(), size)
+        for offset, data in writes:
+            os.pwrite(f.fileno(), data, offset)
+
+
+def layout_of(blocks: list[tuple[str, int]]) -> MemoryLayout:
+    ram, offset = [], 0
+    for name, length in blocks:
+        ram.append(RamBlock(name, length, offset))
+        offset += length
+    return MemoryLayout(blocks=ram, head=HEAD, tail=TAIL, section_id=SID)
+
+
+def emitted(layout: MemoryLayout, image: Path) -> bytes:
+    out = io.BytesIO()
+    emit_stream(layout, image, out)
+    return out.getvalue()
+
+
+SPARSE_BLOCKS = [("pc.ram", 5 * MIB), ("vga.vram", 2 * MIB), ("pc.bios", 256 * KIB)]
+SPARSE_BLOCKS += [("pc.rom", 128 * KIB)]
+
+
+def sparse_writes() -> list[tuple[int, bytes]]:
+    rnd = random.Random(7)
+
+    def data(pages: int, zero_every: int = 0) -> bytes:
+        return b"".join(
+            bytes(PAGE_SIZE) if zero_every and i % zero_every == 0 else rnd.randbytes(PAGE_SIZE)
+            for i in range(pages)
+        )
+
+    return [
+        (0, data(1)),  # the first page of pc.ram is data: a named PAGE record
+        (MIB - 3 * PAGE_SIZE, data(8, zero_every=3)),  # crosses the 1 MiB window mid-extent
+        (MIB + 700 * KIB, data(5)),  # starts and ends mid-window
+        (2 * MIB + 64 * KIB, bytes(300 * KIB)),  # allocated but all zeros
+        (3 * MIB + 512 * KIB, bytes(PAGE_SIZE - 1) + b"\1"),  # one non-zero byte, at the end
+        # hole from here over the pc.ram / vga.vram boundary: vga.vram starts in a hole
+        (5 * MIB + 600 * KIB, data(3)),
+        (7 * MIB - 2 * PAGE_SIZE, data(5, zero_every=2)),  # crosses vga.vram / pc.bios
+        # the rest of pc.bios and all of pc.rom: a hole up to the end of the file
+    ]
+
+
+@pytest.mark.parametrize("min_hole", [None, PAGE_SIZE])
+@pytest.mark.parametrize("seek", [True, False], ids=["seek-data", "no-seek-data"])
+def test_emit_from_sparse_image_equals_full_scan(tmp_path, monkeypatch, min_hole, seek):
+    """Skipping holes changes nothing in the stream, whatever the extents and block limits."""
+    from cloudlet.memory import stream as stream_mod
+
+    if min_hole:
+        monkeypatch.setattr(stream_mod, "_MIN_HOLE", min_hole)  # skip every hole, exactly
+    if not seek:
+        monkeypatch.setattr(stream_mod, "_SEEK_DATA", None)  # a filesystem without holes
+    layout = layout_of(SPARSE_BLOCKS)
+    image = tmp_path / "mem.img"
+    sparse_image(image, layout.size, sparse_writes())
+    with open(image, "r+b") as f:  # an unwritten (preallocated) extent inside a hole
+        os.posix_fallocate(f.fileno(), 4 * MIB, 64 * KIB)
+    data = emitted(layout, image)
+    assert data == full_scan_stream(layout, image)
+    layout2, image2 = parse(data, tmp_path, "again.img")
+    assert layout2.blocks == layout.blocks and image2 == image.read_bytes()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_emit_random_sparse_images_equals_full_scan(tmp_path, monkeypatch, seed):
+    from cloudlet.memory import stream as stream_mod
+
+    rnd = random.Random(seed)
+    monkeypatch.setattr(stream_mod, "_MIN_HOLE", rnd.choice([PAGE_SIZE, 64 * KIB, 256 * KIB]))
+    layout = layout_of([("pc.ram", 3 * MIB), ("x", rnd.randrange(1, 64) * PAGE_SIZE)])
+    layout.blocks.append(RamBlock("y", 512 * KIB, layout.size))
+    writes = []
+    for _ in range(rnd.randrange(0, 30)):
+        offset = rnd.randrange(0, layout.size // PAGE_SIZE) * PAGE_SIZE
+        n = rnd.randrange(1, 40) * PAGE_SIZE
+        n = min(n, layout.size - offset)
+        writes.append((offset, rnd.choice([bytes(n), rnd.randbytes(n)])))
+    image = tmp_path / "mem.img"
+    sparse_image(image, layout.size, writes)
+    assert emitted(layout, image) == full_scan_stream(layout, image)
+
+
+def test_emit_skips_long_holes_and_reads_all_data(tmp_path):
+    """The ranges read cover every data extent but not the long holes between them."""
+    from cloudlet.memory.stream import _MIN_HOLE, _data_ranges
+
+    layout = layout_of(SPARSE_BLOCKS)
+    image = tmp_path / "mem.img"
+    writes = sparse_writes()
+    sparse_image(image, layout.size, writes)
+    if os.stat(image).st_blocks * 512 >= layout.size:
+        pytest.skip("the filesystem of tmp_path does not keep holes")
+    with open(image, "rb") as f:
+        ranges = list(_data_ranges(f.fileno(), 0, layout.size))
+    assert ranges == sorted(ranges) and all(s < e for s, e in ranges)
+    assert all(e <= s2 for (_, e), (s2, _) in zip(ranges, ranges[1:], strict=False))
+    for offset, data in writes:
+        assert any(s <= offset and offset + len(data) <= e for s, e in ranges)
+    # 0.4 MiB of data, 7 long holes: each is read at most _MIN_HOLE into it, the rest never
+    assert sum(e - s for s, e in ranges) <= 400 * KIB + 7 * _MIN_HOLE
+    assert ranges[-1][1] <= 7 * MIB + 3 * PAGE_SIZE + _MIN_HOLE  # the trailing hole is skipped
