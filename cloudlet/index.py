@@ -3,8 +3,12 @@
 Both arrays live in `.npy` files next to the base and are loaded memory-mapped, so looking chunks
 up in a base of many GiB costs page cache, not RAM: 32 bytes per chunk for the digests and 16 bytes
 per distinct non-zero chunk for the lookup (sorted 8-byte key prefixes and their chunk numbers).
+Building streams the digests to their file; only the lookup is sorted in RAM, and it holds
+non-zero chunks only (about 16 bytes kept + 24 bytes while sorting per chunk: 10 MiB per GiB of
+non-zero data), so indexing a big sparse base costs little.
 """
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -14,19 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cloudlet.chunks import CHUNK_SIZE, chunk_count
+from cloudlet.chunks import chunk_count
 from cloudlet.errors import BaseVMError
 from cloudlet.hashing import (
     DIGEST_SIZE,
     ZERO_CHUNK_DIGEST,
-    iter_windows,
+    iter_chunk_digests,
+    iter_rows,
+    take_rows,
     tree_digest,
-    window_digests,
 )
 
 LOG = logging.getLogger(__name__)
 
-_BLOCK = 1 << 20  # rows processed at a time when deriving keys from the digest array
 _ZERO = np.frombuffer(ZERO_CHUNK_DIGEST, dtype=np.uint8)
 
 
@@ -81,17 +85,25 @@ class ChunkIndex:
         fd, tmp_lookup = tempfile.mkstemp(dir=directory, prefix=f".{name}.lookup.", suffix=".tmp")
         os.close(fd)
         try:
-            out = np.lib.format.open_memmap(
-                tmp_digests, mode="w+", dtype=np.uint8, shape=(n, DIGEST_SIZE)
-            )
-            for first, data in iter_windows(image, size):
-                d = window_digests(data)
-                out[first : first + len(d)] = d
-                if progress:
-                    progress(first * CHUNK_SIZE + len(data))
-            out.flush()
-            lookup = _build_lookup(out)
-            del out
+            tree = hashlib.sha256()
+            keys: list[np.ndarray] = []
+            chunks: list[np.ndarray] = []
+            with open(tmp_digests, "wb") as f:
+                header = {"descr": "|u1", "fortran_order": False, "shape": (n, DIGEST_SIZE)}
+                np.lib.format.write_array_header_1_0(f, header)
+                for first, d in iter_chunk_digests(image, size, progress):
+                    raw = np.ascontiguousarray(d).tobytes()
+                    f.write(raw)
+                    tree.update(raw)
+                    nonzero = np.flatnonzero((d != _ZERO).any(axis=1))
+                    if len(nonzero):
+                        keys.append(_keys(d[nonzero]))
+                        chunks.append(nonzero.astype(np.uint64) + np.uint64(first))
+            digests = np.load(tmp_digests, mmap_mode="r", allow_pickle=False)
+            if digests.shape != (n, DIGEST_SIZE):
+                raise BaseVMError(f"{image} changed size while it was indexed: index it again")
+            lookup = _build_lookup(digests, _concat(keys), _concat(chunks))
+            del digests, keys, chunks
             with open(tmp_lookup, "wb") as f:
                 np.save(f, lookup)
             # Remove the old lookup first: a crash between the renames leaves a missing file
@@ -104,7 +116,9 @@ class ChunkIndex:
                 Path(tmp).unlink(missing_ok=True)
             raise
         LOG.info("indexed %s: %d chunks, %d distinct non-zero", image, n, lookup.shape[1])
-        return cls.load(directory, name)
+        index = cls.load(directory, name)
+        index.__dict__["image_digest"] = tree.hexdigest()  # hashed as written: no second pass
+        return index
 
     @classmethod
     def load(cls, directory: Path, name: str) -> "ChunkIndex":
@@ -161,20 +175,30 @@ class ChunkIndex:
         return result
 
 
-def _build_lookup(digests: np.ndarray) -> np.ndarray:
-    """(2, m) uint64: sorted keys and chunk numbers, first occurrence of each non-zero digest."""
-    n = len(digests)
-    keys = np.empty(n, dtype=np.uint64)
-    nonzero = np.empty(n, dtype=bool)
-    for i in range(0, n, _BLOCK):
-        block = np.asarray(digests[i : i + _BLOCK])
-        keys[i : i + len(block)] = _keys(block)
-        nonzero[i : i + len(block)] = (block != _ZERO).any(axis=1)
-    chunks = np.flatnonzero(nonzero)
-    order = chunks[np.argsort(keys[chunks], kind="stable")]  # ties stay in chunk order
-    del chunks
-    sorted_keys = keys[order]
-    del keys
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+
+def _build_lookup(
+    digests: np.ndarray, keys: np.ndarray | None = None, chunks: np.ndarray | None = None
+) -> np.ndarray:
+    """(2, m) uint64: sorted keys and chunk numbers, first occurrence of each non-zero digest.
+
+    `keys` and `chunks` (ascending) are those of the non-zero chunks when the caller already has
+    them; otherwise they are derived from `digests` block by block.
+    """
+    if keys is None or chunks is None:
+        key_parts, chunk_parts, start = [], [], 0
+        for block in iter_rows(digests, 0, len(digests)):
+            nonzero = np.flatnonzero((block != _ZERO).any(axis=1))
+            key_parts.append(_keys(block[nonzero]))
+            chunk_parts.append(nonzero.astype(np.uint64) + np.uint64(start))
+            start += len(block)
+        keys, chunks = _concat(key_parts), _concat(chunk_parts)
+    sort = np.argsort(keys, kind="stable")  # ties stay in chunk order
+    order = chunks[sort].astype(np.int64)
+    sorted_keys = keys[sort]
+    del sort, keys, chunks
     keep = np.ones(len(order), dtype=bool)
     if len(order) > 1:
         # Entries whose key repeats: equal content (usual) or a key collision (rare). Sort those
@@ -185,7 +209,7 @@ def _build_lookup(digests: np.ndarray) -> np.ndarray:
         in_run[:-1] |= same
         pos = np.flatnonzero(in_run)
         if len(pos):
-            full = np.ascontiguousarray(digests[order[pos]]).view(">u8").astype(np.uint64)
+            full = take_rows(digests, order[pos]).view(">u8").astype(np.uint64)
             sort = np.lexsort((order[pos], full[:, 3], full[:, 2], full[:, 1], full[:, 0]))
             full = full[sort]
             dup = (full[1:] == full[:-1]).all(axis=1)

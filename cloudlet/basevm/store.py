@@ -22,12 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-
 from cloudlet import hashing
 from cloudlet.basevm.identity import canonical_json, compute_base_id, config_sha256, is_base_id
 from cloudlet.errors import AmbiguousBase, BaseExists, BaseNotFound, BaseVMError
-from cloudlet.hashing import READ_SIZE, iter_windows, tree_digest, window_digests
+from cloudlet.hashing import READ_SIZE, iter_windows, window_digests
 from cloudlet.home import CloudletHome
 from cloudlet.index import ChunkIndex
 
@@ -535,13 +533,11 @@ def _ensure_index(directory: Path, index: str, present: list[str]) -> str:
 
 def image_sha256_and_digest(path: Path, size: int | None = None) -> tuple[str, str]:
     """Plain sha256 and chunk-tree image digest of an image in one read."""
-    sha = hashlib.sha256()
-    parts = []
+    sha, tree = hashlib.sha256(), hashlib.sha256()  # tree: the chunk digests, as tree_digest
     for _, data in iter_windows(path, size):
         sha.update(data)
-        parts.append(window_digests(data))
-    digests = np.concatenate(parts) if parts else np.empty((0, 32), dtype=np.uint8)
-    return sha.hexdigest(), tree_digest(digests)
+        tree.update(window_digests(data).tobytes())
+    return sha.hexdigest(), tree.hexdigest()
 
 
 _ZERO_BLOCK = bytes(READ_SIZE)

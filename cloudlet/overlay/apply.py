@@ -4,8 +4,9 @@ Each output starts as a sparse (reflinked where the filesystem can) copy of its 
 extended to the result size. Then ZERO chunks become holes, BASE_* chunks are copied from the base
 files, and frames are decompressed one at a time (the next one prefetched in a thread) and their
 payload slots written to every chunk that references them. Every written chunk is hashed as it is
-written; with the base index for untouched chunks that gives the result digest without reading
-the image again. Outputs keep temporary names until both digests match the manifest.
+written; with the base index for untouched chunks (streamed, never copied whole) that gives the
+result digest without reading the image again. Memory scales with the overlay, not the images.
+Outputs keep temporary names until both digests match the manifest.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ import ctypes
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import tempfile
 import time
@@ -26,7 +28,7 @@ import numpy as np
 from cloudlet.chunks import CHUNK_SIZE, Kind, Target, chunk_count
 from cloudlet.errors import BaseVMError, CorruptOverlay, VerificationFailed, WrongBase
 from cloudlet.fsutil import clone_sparse, fsync_dir
-from cloudlet.hashing import DIGEST_SIZE, ZERO_CHUNK_DIGEST, tree_digest
+from cloudlet.hashing import DIGEST_SIZE, ZERO_CHUNK_DIGEST, tree_digest_with_overrides
 from cloudlet.overlay.format import FrameInfo
 from cloudlet.overlay.reader import OverlayReader
 
@@ -70,7 +72,8 @@ class _Output:
         self.out = out
         self.size = size
         self.count = chunk_count(size)
-        self.digests = np.empty((self.count, DIGEST_SIZE), dtype=np.uint8)
+        self._chunks: list[np.ndarray] = []  # written chunks and their digests, in write order
+        self._digests: list[np.ndarray] = []
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
         self.fd = fd
@@ -78,6 +81,20 @@ class _Output:
 
     def chunk_len(self, chunk: int) -> int:
         return min(CHUNK_SIZE, self.size - chunk * CHUNK_SIZE)
+
+    def record(self, chunks: np.ndarray, digests: np.ndarray) -> None:
+        """Digests of chunks just written (a chunk recorded again keeps its last digest)."""
+        self._chunks.append(np.asarray(chunks, dtype=np.int64))
+        self._digests.append(np.asarray(digests, dtype=np.uint8).reshape(-1, DIGEST_SIZE))
+
+    def modified(self) -> np.ndarray:
+        return np.concatenate(self._chunks) if self._chunks else np.empty(0, np.int64)
+
+    def result_digest(self) -> str:
+        if not self._digests:
+            return tree_digest_with_overrides(self.base_digests, self.count, [], [])
+        digests = np.concatenate(self._digests)
+        return tree_digest_with_overrides(self.base_digests, self.count, self.modified(), digests)
 
     def discard(self) -> None:
         if self.fd >= 0:
@@ -123,7 +140,6 @@ def apply_overlay(
         t = time.perf_counter()
         for o in outputs.values():
             _copy_base(o)
-            _fill_untouched_digests(o)
             if progress:
                 progress("copy", o.target + 1, len(outputs))
         stats.add("copy", time.perf_counter() - t)
@@ -143,8 +159,8 @@ def apply_overlay(
 
         t = time.perf_counter()
         for o in outputs.values():
-            _rehash_boundary(o, reader.map_for(o.target)["chunk"])
-            got = tree_digest(o.digests)
+            _rehash_boundary(o)
+            got = o.result_digest()
             want = reader.images[o.target].digest
             if got != want:
                 raise VerificationFailed(
@@ -208,23 +224,17 @@ def _check_inputs(
             )
 
 
-def _fill_untouched_digests(o: _Output) -> None:
-    """Digests of the copied base chunks; chunks past the base end are zero."""
-    n = min(o.count, len(o.base_digests))
-    o.digests[:n] = o.base_digests[:n]
-    o.digests[n:] = np.frombuffer(ZERO_CHUNK_DIGEST, dtype=np.uint8)
-
-
-def _rehash_boundary(o: _Output, modified: np.ndarray) -> None:
+def _rehash_boundary(o: _Output) -> None:
     """Untouched chunks that the cut or extension changed: hash them from the output."""
     if o.size == o.base_size or o.count == 0:
         return
     candidates = {chunk_count(o.base_size) - 1, o.count - 1}
+    modified = o.modified()
     for chunk in sorted(c for c in candidates if 0 <= c < o.count):
         if np.isin(chunk, modified):
             continue
         data = os.pread(o.fd, o.chunk_len(chunk), chunk * CHUNK_SIZE)
-        o.digests[chunk] = np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
+        o.record(np.array([chunk]), np.frombuffer(hashlib.sha256(data).digest(), np.uint8))
 
 
 def _write_chunks(o: _Output, chunks: np.ndarray, data: np.ndarray) -> int:
@@ -249,7 +259,7 @@ def _write_chunks(o: _Output, chunks: np.ndarray, data: np.ndarray) -> int:
         digests = b"".join(
             hashlib.sha256(buf[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]).digest() for i in range(n)
         )
-        o.digests[first : first + n] = np.frombuffer(digests, np.uint8).reshape(n, DIGEST_SIZE)
+        o.record(np.arange(first, first + n), np.frombuffer(digests, np.uint8))
     return written
 
 
@@ -264,10 +274,12 @@ def _apply_zero(o: _Output, chunks: np.ndarray) -> int:
         offset = a * CHUNK_SIZE
         length = min((b + 1) * CHUNK_SIZE, o.size) - offset
         written += _zero_range(o.fd, offset, length)
-    o.digests[chunks] = np.frombuffer(ZERO_CHUNK_DIGEST, dtype=np.uint8)
+    digests = np.empty((len(chunks), DIGEST_SIZE), dtype=np.uint8)
+    digests[:] = np.frombuffer(ZERO_CHUNK_DIGEST, dtype=np.uint8)
     if o.size % CHUNK_SIZE and chunks[-1] == o.count - 1:
         tail = bytes(o.chunk_len(o.count - 1))
-        o.digests[o.count - 1] = np.frombuffer(hashlib.sha256(tail).digest(), np.uint8)
+        digests[-1] = np.frombuffer(hashlib.sha256(tail).digest(), np.uint8)
+    o.record(chunks, digests)
     return written
 
 
@@ -288,6 +300,7 @@ def _apply_base(o: _Output, src: _Output, chunks: np.ndarray, refs: np.ndarray) 
             tail = base[full * CHUNK_SIZE :]
             data[i, : len(tail)] = tail
         written += _write_chunks(o, chunks[s : s + _BATCH], data)
+        _drop_pages(base)
     return written
 
 
@@ -377,6 +390,15 @@ def _mapped(path: Path) -> np.ndarray:
     if os.path.getsize(path) == 0:
         return np.zeros(0, dtype=np.uint8)
     return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def _drop_pages(mapped: np.ndarray) -> None:
+    """Unmap the pages of a read-only file mapping that were read (they stay in the page cache).
+
+    Gathered base chunks would otherwise stay in this process's RSS, 4 KiB each, until the end.
+    """
+    if isinstance(mapped.base, mmap.mmap) and len(mapped.base):
+        mapped.base.madvise(mmap.MADV_DONTNEED)
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:

@@ -15,7 +15,7 @@ from cloudlet.dedup import Deduplicator
 from cloudlet.diff import ChangedBatch, changed_chunks
 from cloudlet.disk import changed_disk_chunks, create_cow, virtual_size
 from cloudlet.errors import ConfigMismatch
-from cloudlet.hashing import ZERO_CHUNK_DIGEST, tree_digest, window_digests
+from cloudlet.hashing import tree_digest_with_overrides, window_digests
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import QemuVM
@@ -108,18 +108,27 @@ def build_overlay(
         memory.unlink(missing_ok=True)
 
 
-class _ImageDigests:
-    """Digest array of a result image: the base's, with the modified chunks replaced."""
+class _ResultDigests:
+    """Digest of a result image: the base's chunk digests with the modified chunks' replaced.
+
+    Only the modified chunks' (number, digest) are kept (the overlay ships them anyway); the base's
+    digests are streamed from its index when the digest is asked for.
+    """
 
     def __init__(self, base: ChunkIndex, result_size: int) -> None:
-        n = chunk_count(result_size)
-        self.digests = np.empty((n, 32), dtype=np.uint8)
-        m = min(n, len(base.digests))
-        self.digests[:m] = base.digests[:m]
-        self.digests[m:] = np.frombuffer(ZERO_CHUNK_DIGEST, dtype=np.uint8)
+        self._base = base
+        self._count = chunk_count(result_size)
+        self._chunks: list[np.ndarray] = []
+        self._digests: list[np.ndarray] = []
 
     def update(self, batch: ChangedBatch) -> None:
-        self.digests[batch.chunks] = window_digests(batch.data)
+        self._chunks.append(np.asarray(batch.chunks, dtype=np.int64))
+        self._digests.append(window_digests(batch.data))
+
+    def hexdigest(self) -> str:
+        chunks = np.concatenate(self._chunks) if self._chunks else np.empty(0, np.int64)
+        digests = np.concatenate(self._digests) if self._digests else np.empty((0, 32), np.uint8)
+        return tree_digest_with_overrides(self._base.digests, self._count, chunks, digests)
 
 
 def _write_overlay(
@@ -146,12 +155,12 @@ def _write_overlay(
             ),
             (Target.DISK, lambda: changed_disk_chunks(base.disk_path, disk), disk_index, disk_size),
         ):
-            digests = _ImageDigests(index, size)
+            digests = _ResultDigests(index, size)
             with stats.stage(f"diff + dedup {target.name.lower()}"):
                 for batch in batches():
                     digests.update(batch)
                     _add_batch(writer, dedup, target, batch, slots)
-            writer.set_image(target, size, tree_digest(digests.digests))
+            writer.set_image(target, size, digests.hexdigest())
         writer.add_blob("memory-layout", layout.to_bytes())
         writer.add_blob("vm-config", json.dumps(config.to_dict(), sort_keys=True).encode())
         for kind, count in dedup.stats.items():

@@ -1,4 +1,6 @@
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +125,44 @@ def test_rebuild_replaces_the_index(image: Path, tmp_path: Path) -> None:
     index = ChunkIndex.build(other, tmp_path, "disk")
     assert ChunkIndex.load(tmp_path, "disk").size_chunks == 3
     assert index.find_many(digest_array([b"\x01" * C])).tolist() == [0]
+
+
+_BUILD_CHILD = """
+import sys
+def status(key):  # kB; VmHWM is this process's own peak (ru_maxrss inherits the parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+from pathlib import Path
+from cloudlet.index import ChunkIndex
+start = status("VmRSS:")
+index = ChunkIndex.build(Path(sys.argv[1]), Path(sys.argv[2]), "disk")
+digest = index.image_digest
+peak = status("VmHWM:")
+print((peak - start) // 1024, digest)
+"""
+
+
+def test_indexing_a_big_sparse_image_needs_bounded_memory(tmp_path: Path) -> None:
+    """An 8 GiB image (64 MiB of digests) is indexed without its digest array in RAM."""
+    image = tmp_path / "big.raw"
+    data = np.random.default_rng(5).integers(0, 256, 64 * C, dtype=np.uint8).tobytes()
+    with open(image, "wb") as f:
+        f.truncate(8 << 30)
+        for offset in (0, 3 << 30, (8 << 30) - len(data)):
+            f.seek(offset)
+            f.write(data)
+    result = subprocess.run(
+        [sys.executable, "-c", _BUILD_CHILD, str(image), str(tmp_path / "idx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    grew_mib, digest = result.stdout.split()
+    assert int(grew_mib) < 24, f"peak RSS grew by {grew_mib} MiB"
+    index = ChunkIndex.load(tmp_path / "idx", "disk")
+    assert index.size_chunks == 2 << 20
+    assert digest == tree_digest(np.asarray(index.digests))
+    found = index.find_many(digest_array([data[i * C : (i + 1) * C] for i in range(64)]))
+    assert found.tolist() == list(range(64))  # the first copy of each, not the later ones
+    assert index.find_many(digest_array([bytes(C)])).tolist() == [-1]

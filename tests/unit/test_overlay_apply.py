@@ -3,6 +3,7 @@
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from cloudlet.chunks import CHUNK_SIZE, Kind, Target, chunk_count
 from cloudlet.errors import CorruptOverlay, TruncatedOverlay, VerificationFailed, WrongBase
 from cloudlet.hashing import image_chunk_digests, tree_digest
+from cloudlet.index import ChunkIndex
 from cloudlet.overlay.apply import apply_overlay
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.overlay.writer import OverlayWriter
@@ -262,3 +264,78 @@ def test_existing_outputs_survive_a_failed_apply(scene: Scene) -> None:
         scene.apply(base_id="c1" * 32)
     assert os.listdir(scene.out) == ["disk.raw"]
     assert (scene.out / "disk.raw").read_bytes() == b"previous"
+
+
+_APPLY_CHILD = """
+import sys
+def status(key):  # kB; VmHWM is this process's own peak (ru_maxrss inherits the parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+from pathlib import Path
+from cloudlet.index import ChunkIndex
+from cloudlet.overlay.apply import apply_overlay
+from cloudlet.overlay.reader import OverlayReader
+root = Path(sys.argv[1])
+start = status("VmRSS:")
+apply_overlay(
+    OverlayReader.open(root / "vm.overlay"),
+    root / "disk.raw",
+    ChunkIndex.load(root / "idx", "disk").digests,
+    root / "memory.img",
+    ChunkIndex.load(root / "idx", "memory").digests,
+    root / "out" / "disk.raw",
+    root / "out" / "memory.img",
+    sys.argv[2],
+)
+peak = status("VmHWM:")
+print((peak - start) // 1024)
+"""
+
+
+def test_applying_onto_a_big_base_needs_bounded_memory(tmp_path: Path) -> None:
+    """A grown 8 GiB disk (64 MiB of digests) is synthesized and verified in bounded RSS."""
+    base = {Target.DISK: tmp_path / "disk.raw", Target.MEMORY: tmp_path / "memory.img"}
+    sizes = {Target.DISK: (8 << 30) + 100, Target.MEMORY: (1 << 30) - C}
+    noise = _noise(11, 40 * C)
+    for target, size in ((Target.DISK, 8 << 30), (Target.MEMORY, 1 << 30)):
+        with open(base[target], "wb") as f:
+            f.truncate(size)
+            f.seek(size // 3 // C * C)
+            f.write(noise)
+        ChunkIndex.build(base[target], tmp_path / "idx", target.name.lower())
+    writes = {  # chunk -> content, per target: NEW, SELF, BASE_* and ZERO chunks
+        Target.DISK: {7: noise[:C], 9: noise[:C], 1 << 20: noise[5 * C : 6 * C]},
+        Target.MEMORY: {3: noise[C : 2 * C], (1 << 18) // 3 + 1: bytes(C)},
+    }
+    with OverlayWriter(tmp_path / "vm.overlay", BASE_ID) as w:
+        for target, chunks in writes.items():
+            digests = np.load(tmp_path / "idx" / f"{target.name.lower()}.digests.npy")
+            n = chunk_count(sizes[target])
+            full = np.empty((n, 32), np.uint8)  # the base's digests, cut or extended with zeros
+            m = min(n, len(digests))
+            full[:m] = digests[:m]
+            full[m:] = np.frombuffer(hashlib.sha256(bytes(C)).digest(), np.uint8)
+            for chunk, content in chunks.items():
+                full[chunk] = np.frombuffer(hashlib.sha256(content).digest(), np.uint8)
+            if target is Target.DISK:  # the grown image ends in a partial zero chunk
+                full[-1] = np.frombuffer(hashlib.sha256(bytes(100)).digest(), np.uint8)
+            w.set_image(target, sizes[target], tree_digest(full))
+        w.add_new(Target.DISK, 7, noise[:C])
+        w.add_ref(Target.DISK, 9, Kind.SELF, 0)
+        w.add_ref(Target.DISK, 1 << 20, Kind.BASE_MEMORY, (1 << 18) // 3 + 5)  # noise chunk 5
+        w.add_ref(Target.MEMORY, 3, Kind.BASE_DISK, (2 << 20) // 3 + 1)  # noise chunk 1
+        w.add_ref(Target.MEMORY, (1 << 18) // 3 + 1, Kind.ZERO)
+        w.add_blob("vm-config", b"{}")
+        w.close()
+    result = subprocess.run(
+        [sys.executable, "-c", _APPLY_CHILD, str(tmp_path), BASE_ID],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 24, f"peak RSS grew by {result.stdout.strip()} MiB"
+    with open(tmp_path / "out" / "disk.raw", "rb") as f:
+        assert os.fstat(f.fileno()).st_size == sizes[Target.DISK]
+        assert os.pread(f.fileno(), 3 * C, 7 * C) == noise[:C] + bytes(C) + noise[:C]
+        assert os.pread(f.fileno(), C, (1 << 20) * C) == noise[5 * C : 6 * C]
