@@ -164,7 +164,7 @@ def capture(home: CloudletHome, base, workload: str, work: Path) -> tuple[Path, 
     )
     with vm:
         vm.run_in_guest(workload, timeout=600)
-        vm.save_memory(stream, timeout=300)
+        vm.save_memory(stream, timeout=300, live=base.config["balloon"])
         vm.quit(timeout=30)
     shutil.rmtree(run)
     return stream, disk
@@ -207,6 +207,7 @@ def guest_base(
     memory_mib: int | None = None,
     disk_mib: int | None = None,
     init_on_free: bool = True,
+    balloon: bool = True,
 ) -> tuple[CloudletHome, BaseVM]:
     """A cloudlet home under `work` holding a base VM made from the test guest."""
     subprocess.run(
@@ -235,6 +236,7 @@ def guest_base(
             kernel=GUEST / g["kernel"],
             initrd=GUEST / g["initrd"],
             append=append,
+            balloon=balloon,
         ),
         Readiness(marker=g["ready_marker"]),
         Stats(),
@@ -255,6 +257,11 @@ def main() -> None:
         action="store_true",
         help="boot the base without init_on_free=1 (freed pages keep their data)",
     )
+    ap.add_argument(
+        "--no-balloon",
+        action="store_true",
+        help="no virtio-balloon, so no free-page hinting during the (then stopped) save",
+    )
     ap.add_argument("--memory-mib", type=int, help="guest RAM (default: the test guest's)")
     ap.add_argument("--disk-mib", type=int, help="grow the base disk to this size first")
     ap.add_argument("--json", type=Path)
@@ -264,7 +271,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cloudlet-bench-"))
     try:
         home, base = guest_base(
-            work, args.memory_mib, args.disk_mib, init_on_free=not args.no_init_on_free
+            work,
+            args.memory_mib,
+            args.disk_mib,
+            init_on_free=not args.no_init_on_free,
+            balloon=not args.no_balloon,
         )
         stream, disk = capture(home, base, WORKLOADS[args.workload], work)
 
@@ -289,6 +300,7 @@ def main() -> None:
             "workload": args.workload,
             "codec": args.codec,
             "init_on_free": not args.no_init_on_free,
+            "balloon": not args.no_balloon,
             "memory_mib": base.config["memory_mib"],
             "disk_size": base.disk_size,
             "naive": {

@@ -103,7 +103,8 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
                 else:
                     vm.wait_ready(marker=ready.marker, port=ready.port, timeout=ready.timeout)
             with stats.stage("save memory"):
-                vm.save_memory(stream, timeout=ready.timeout)
+                # live while the balloon can hint free pages, so they are not saved
+                vm.save_memory(stream, timeout=ready.timeout, live=config.balloon)
             vm.quit(timeout=30)
         with stats.stage("parse memory", stream.stat().st_size), open(stream, "rb") as src:
             layout = parse_stream(src, staging / "memory.img")

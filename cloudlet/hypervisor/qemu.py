@@ -491,11 +491,17 @@ class QemuVM:
 
     # -- memory save / restore
 
-    def save_memory(self, path: Path, timeout: float = 300.0) -> None:
-        """Stop the VM and write its memory + device state as a QEMU migration stream to `path`.
+    def save_memory(
+        self, path: Path, timeout: float = 300.0, live: bool = False, converge: float = 10.0
+    ) -> None:
+        """Write the VM's memory + device state as a QEMU migration stream to `path`.
 
-        The VM stays paused. The stream is written to `path`.part and renamed only once QEMU
-        reports the migration completed, so a failed save never leaves a complete-looking file.
+        live=False stops the guest first. live=True copies RAM while the guest runs, so that a
+        virtio-balloon with free-page hinting can tell QEMU which pages are free and they are
+        not sent at all; if the copy has not converged after `converge` seconds the guest is
+        paused so it finishes. Either way the VM ends paused. The stream is written to
+        `path`.part and renamed only once QEMU reports the migration completed, so a failed
+        save never leaves a complete-looking file.
         """
         path = Path(path)
         tmp = path.with_name(path.name + ".part")
@@ -504,7 +510,8 @@ class QemuVM:
                 "this VM's memory was already saved and QEMU will not save it again while it is "
                 "paused; resume it with cont() first"
             )
-        self.pause()
+        if not live:
+            self.pause()
         self._qmp("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         ok = False
@@ -515,7 +522,15 @@ class QemuVM:
             finally:
                 os.close(fd)
             self._qmp("migrate", {"uri": "fd:cloudlet-save"})
-            info = self._wait_migration(timeout, outgoing=True)
+            info = None
+            if live:
+                try:
+                    info = self._wait_migration(converge, outgoing=True, cancel=False)
+                except GuestTimeout:
+                    LOG.info("live save not converged after %.0f s: pausing the guest", converge)
+                    self.pause()
+            if info is None:
+                info = self._wait_migration(timeout, outgoing=True)
             fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
@@ -534,7 +549,9 @@ class QemuVM:
             if not ok:
                 tmp.unlink(missing_ok=True)
 
-    def _wait_migration(self, timeout: float, outgoing: bool) -> dict[str, Any]:
+    def _wait_migration(
+        self, timeout: float, outgoing: bool, cancel: bool = True
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
@@ -549,7 +566,7 @@ class QemuVM:
                     f"qemu.log ends: {self._log_tail(5)}"
                 )
             if time.monotonic() > deadline:
-                if outgoing:
+                if outgoing and cancel:
                     with contextlib.suppress(HypervisorError):
                         self._qmp("migrate_cancel")
                 raise GuestTimeout(

@@ -72,7 +72,8 @@ def create_overlay(
                 if custom.wait_for_user is not None:
                     custom.wait_for_user(vm)
             with stats.stage("save memory"):
-                vm.save_memory(stream, timeout=custom.timeout)
+                # live while the balloon can hint free pages, so they are not saved
+                vm.save_memory(stream, timeout=custom.timeout, live=vm.spec.config.balloon)
             vm.quit(timeout=30)
         return build_overlay(base, stream, disk, spec, stats, work_dir=run_dir)
     finally:

@@ -204,6 +204,35 @@ def test_restore_resumes_the_running_guest(booted, saved, tmp_path, test_guest_i
 
 
 @pytest.mark.qemu
+def test_live_save_of_a_running_guest_restores_it(booted, saved, tmp_path, test_guest_info):
+    """A save taken while the guest runs (so the balloon can hint free pages) is consistent."""
+    vm, _ = booted
+    first = cow_over(vm.spec.disk, "qcow2", tmp_path / "first.qcow2")
+    spec = spec_for(
+        test_guest_info, vm.spec.config, tmp_path / "first", free_port(),
+        disk=first, disk_format="qcow2", incoming=saved,
+    )  # fmt: skip
+    live = tmp_path / "live.qemu"
+    with QemuVM.launch(spec) as running:
+        running.wait_incoming(timeout=120)
+        running.cont()
+        running.run_in_guest("echo written-while-running > /proof-live")
+        running.save_memory(live, timeout=300, live=True)
+        assert running.status() in ("paused", "postmigrate")
+    port = free_port()
+    spec = spec_for(
+        test_guest_info, vm.spec.config, tmp_path / "second", port,
+        disk=cow_over(first, "qcow2", tmp_path / "second.qcow2"), disk_format="qcow2",
+        incoming=live,
+    )  # fmt: skip
+    with QemuVM.launch(spec) as restored:
+        restored.wait_incoming(timeout=120)
+        restored.cont()
+        assert restored.run_in_guest("cat /proof-live") == "written-while-running\n"
+        assert http_get(port, timeout=30) == "cloudlet base disk\n"
+
+
+@pytest.mark.qemu
 def test_restore_into_different_hardware_fails_with_qemus_reason(
     booted, saved, tmp_path, test_guest_info
 ):

@@ -19,7 +19,7 @@
 #   3. waits (bounded, 30 s) for /dev/vda, mounts it ext4 at /data;
 #   4. eth0 = 10.0.2.15/24, default gw 10.0.2.2 (QEMU user networking);
 #   5. starts busybox httpd -p 80 -h /data/www;
-#   6. prints CLOUDLET-GUEST-READY on the console (ttyS0);
+#   6. waits (bounded) for the NIC's link, then prints CLOUDLET-GUEST-READY on the console (ttyS0);
 #   7. serves an interactive busybox shell (prompt "guest# ") on ttyS0 forever, respawned when
 #      it exits, for scripted commands.
 # Files written under / (not /data) live only in RAM: tests use that to prove a VM was resumed
@@ -198,6 +198,13 @@ ip link set lo up
 ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
 ip route add default via 10.0.2.2
+# Ready means reachable: e1000 reports link up ~2 s after the driver loads, and a snapshot taken
+# before that makes every VM resumed from it wait for the link again.
+i=0
+while [ "\$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ \$i -lt 100 ]; do
+    sleep 0.1; i=\$((i + 1))
+done
+[ "\$(cat /sys/class/net/eth0/carrier 2>/dev/null)" = 1 ] || echo "init: eth0 has no carrier after 10 s"
 httpd -p 80 -h /data/www
 echo "$READY_MARKER"
 export PS1='guest# '
