@@ -17,6 +17,7 @@ import numpy as np
 
 from cloudlet.chunks import CHUNK_SIZE, chunk_count
 from cloudlet.errors import ImageError
+from cloudlet.fsutil import data_ranges
 from cloudlet.hashing import READ_SIZE
 
 LOG = logging.getLogger(__name__)
@@ -105,6 +106,24 @@ def normalize_ranges(ranges: Iterable[tuple[int, int]], size: int) -> list[tuple
         else:
             merged.append((start, end))
     return merged
+
+
+def data_ranges_of(paths: Iterable[Path], size: int) -> list[tuple[int, int]]:
+    """(offset, length) ranges of the first `size` bytes where any of `paths` may hold data.
+
+    Outside them every file is a hole (or ends), so all read as zeros and are equal: passed as
+    `ranges` to changed_chunks, two sparse images are compared without reading their holes.
+    """
+    ranges = []
+    for path in paths:
+        with open(path, "rb") as f:
+            end = min(size, os.fstat(f.fileno()).st_size) // CHUNK_SIZE * CHUNK_SIZE
+            ranges += [
+                (s, e - s) for s, e in data_ranges(f.fileno(), 0, end, CHUNK_SIZE, READ_SIZE)
+            ]
+            if end < size:  # a partial last chunk, or past this file's end: compare it
+                ranges.append((end, size - end))
+    return ranges
 
 
 def iter_spans(spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:

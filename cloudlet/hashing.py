@@ -9,7 +9,6 @@ they are read and hashed window by window, and pages of a memory-mapped array ar
 the page cache once hashed, so the process's RSS stays bounded whatever the image size.
 """
 
-import errno
 import hashlib
 import mmap
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cloudlet.chunks import CHUNK_SIZE, chunk_count
+from cloudlet.fsutil import next_data
 
 DIGEST_SIZE = 32
 READ_SIZE = 1 << 20  # 256 chunks per read: large sequential reads, bounded memory
@@ -84,7 +84,7 @@ def iter_chunk_digests(
         offset = 0
         while offset < size:
             length = min(READ_SIZE, size - offset)
-            if _next_data(fd, offset) >= offset + length and length % CHUNK_SIZE == 0:
+            if next_data(fd, offset, size) >= offset + length and length % CHUNK_SIZE == 0:
                 digests = np.broadcast_to(_ZERO_ROW, (length // CHUNK_SIZE, DIGEST_SIZE))
             else:
                 data = os.pread(fd, length, offset)
@@ -95,16 +95,6 @@ def iter_chunk_digests(
             offset += length
             if progress:
                 progress(offset)
-
-
-def _next_data(fd: int, offset: int) -> int:
-    """Offset of the first data byte at or after `offset`; where unsupported, `offset` itself."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA)
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # only a hole from here to the end
-            return 1 << 62
-        return offset  # no SEEK_DATA on this filesystem: read everything
 
 
 def image_chunk_digests(

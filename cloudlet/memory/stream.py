@@ -17,12 +17,11 @@ hooks) is refused with MemoryStreamError naming what was found and where.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 
 from cloudlet.errors import MemoryStreamError
+from cloudlet.fsutil import data_ranges
 from cloudlet.hashing import zero_chunk_mask
 
 LOG = logging.getLogger(__name__)
@@ -715,7 +715,8 @@ def _emit_block(o: _Output, fd: int, block: RamBlock) -> None:
     name = _str8(block.name.encode())
     buf = memoryview(bytearray(_EMIT_WINDOW))  # reused: records copy what they keep
     pos = 0  # block-relative offset of the next page to emit
-    for start, end in _data_ranges(fd, block.offset, block.offset + block.length):
+    ranges = data_ranges(fd, block.offset, block.offset + block.length, PAGE_SIZE, _MIN_HOLE)
+    for start, end in ranges:
         s, e = start - block.offset, end - block.offset
         if s > pos:
             _emit_zeros(o, name, pos, (s - pos) // PAGE_SIZE)
@@ -728,56 +729,6 @@ def _emit_block(o: _Output, fd: int, block: RamBlock) -> None:
         pos = e
     if pos < block.length:
         _emit_zeros(o, name, pos, (block.length - pos) // PAGE_SIZE)
-
-
-_SEEK_DATA: int | None = getattr(os, "SEEK_DATA", None)
-_SEEK_HOLE: int | None = getattr(os, "SEEK_HOLE", None)
-
-
-def _data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Page-aligned, ascending ranges of [start, end) that may hold data; the rest is holes.
-
-    `start` and `end` are page-aligned and within the file. SEEK_DATA / SEEK_HOLE find the
-    extents, but at most one probe pair per _MIN_HOLE bytes of data: in fragmented RAM a
-    syscall pair per extent would cost more than reading the small holes between them, so
-    holes shorter than _MIN_HOLE may be read and scanned with the data around them (longer
-    ones are always skipped, from at most _MIN_HOLE into them). Without SEEK_DATA support
-    (no such constant, or EINVAL / EOPNOTSUPP from the filesystem) everything is data.
-    """
-    run: int | None = None  # start of the data range being built
-    pos = start  # next probe: everything before it is in `run` or already yielded
-    while pos < end:
-        data = _seek(fd, pos, _SEEK_DATA, end)
-        if data is None:  # no hole support: the rest is data
-            yield (pos if run is None else run), end
-            return
-        if data >= pos + _MIN_HOLE or data >= end:
-            if run is not None:
-                yield run, pos
-                run = None
-            pos = data - data % PAGE_SIZE
-            continue
-        if run is None:
-            run = data - data % PAGE_SIZE
-        hole = _seek(fd, data, _SEEK_HOLE, end)
-        hole = end if hole is None else min(end, _align(hole, PAGE_SIZE))
-        pos = max(hole, pos + _MIN_HOLE)
-    if run is not None:
-        yield run, end
-
-
-def _seek(fd: int, pos: int, whence: int | None, end: int) -> int | None:
-    """lseek SEEK_DATA/SEEK_HOLE: `end` when no data follows, None when unsupported."""
-    if whence is None:
-        return None
-    try:
-        return os.lseek(fd, pos, whence)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return end  # nothing but hole from pos on
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return None
-        raise
 
 
 def _emit_window(o: _Output, name: bytes, data: memoryview, base: int) -> None:

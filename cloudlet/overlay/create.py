@@ -12,7 +12,7 @@ import numpy as np
 from cloudlet.basevm.store import BaseVM
 from cloudlet.chunks import Kind, Target, chunk_count
 from cloudlet.dedup import Deduplicator
-from cloudlet.diff import ChangedBatch, changed_chunks
+from cloudlet.diff import ChangedBatch, changed_chunks, data_ranges_of
 from cloudlet.disk import changed_disk_chunks, create_cow, virtual_size
 from cloudlet.errors import ConfigMismatch
 from cloudlet.hashing import tree_digest_with_overrides, window_digests
@@ -150,7 +150,12 @@ def _write_overlay(
         for target, batches, index, size in (
             (
                 Target.MEMORY,
-                lambda: changed_chunks(base.memory_path, memory, layout.size),
+                lambda: changed_chunks(
+                    base.memory_path,
+                    memory,
+                    layout.size,
+                    data_ranges_of((base.memory_path, memory), layout.size),
+                ),
                 mem_index,
                 layout.size,
             ),

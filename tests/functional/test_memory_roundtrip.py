@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudlet import fsutil
 from cloudlet.memory import libvirt
 from cloudlet.memory.stream import emit_stream, open_snapshot, parse_stream
 
@@ -187,7 +188,6 @@ def test_parse_emit_parse_gives_identical_image_and_layout(workdir, parsed):
 def test_emit_skipping_holes_equals_reading_everything(workdir, parsed, monkeypatch):
     """A sparse copy of a real guest's image (holes where RAM is zero) emits the same stream
     as reading every byte of it."""
-    from cloudlet.memory import stream
 
     layout, image = parsed
     sparse = workdir / "sparse.img"
@@ -196,7 +196,7 @@ def test_emit_skipping_holes_equals_reading_everything(workdir, parsed, monkeypa
     for name, path in (("parsed", image), ("sparse", sparse)):
         with open(workdir / f"{name}.qevm", "wb") as f:
             emit_stream(layout, path, f)
-    monkeypatch.setattr(stream, "_SEEK_DATA", None)  # as on a filesystem without holes
+    monkeypatch.setattr(fsutil, "_SEEK_DATA", None)  # as on a filesystem without holes
     with open(workdir / "scan.qevm", "wb") as f:
         emit_stream(layout, image, f)
     for name in ("parsed", "sparse"):

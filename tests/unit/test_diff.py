@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cloudlet.chunks import CHUNK_SIZE
-from cloudlet.diff import ChangedBatch, changed_chunks
+from cloudlet.diff import ChangedBatch, changed_chunks, data_ranges_of
 from cloudlet.errors import ImageError
 
 C = CHUNK_SIZE
@@ -114,3 +114,24 @@ def test_truncated_new_image_is_an_error(tmp_path: Path, base: Path) -> None:
     new = write(tmp_path, base.read_bytes()[: 10 * C])
     with pytest.raises(ImageError, match="ends before"):
         list(changed_chunks(base, new, 700 * C))
+
+
+def test_sparse_images_compare_the_same_without_reading_holes(tmp_path):
+    """Skipping ranges where both images are holes finds exactly what a full scan finds."""
+
+    size = 64 << 20
+    base, new = tmp_path / "base.img", tmp_path / "new.img"
+    rng = np.random.default_rng(5)
+    for path, spots in ((base, (1, 9, 30)), (new, (9, 30, 47))):
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for mib in spots:
+                f.seek(mib << 20)
+                f.write(rng.bytes(3 * CHUNK_SIZE) if mib != 30 else b"same" * 1024)
+    ranges = data_ranges_of((base, new), size)
+    assert sum(length for _, length in ranges) < 8 << 20  # the 56+ MiB of shared holes are skipped
+    full = [c for b in changed_chunks(base, new, size) for c in b.chunks.tolist()]
+    skipping = [c for b in changed_chunks(base, new, size, ranges) for c in b.chunks.tolist()]
+    assert skipping == full
+    # base-only data (now zero), data in both that differs, new-only data; equal data is not
+    assert {c * CHUNK_SIZE >> 20 for c in full} == {1, 9, 47}

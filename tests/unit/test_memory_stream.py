@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudlet import fsutil
 from cloudlet.errors import MemoryStreamError
 from cloudlet.memory import libvirt
 from cloudlet.memory.stream import (
@@ -533,7 +534,7 @@ def test_emit_from_sparse_image_equals_full_scan(tmp_path, monkeypatch, min_hole
     if min_hole:
         monkeypatch.setattr(stream_mod, "_MIN_HOLE", min_hole)  # skip every hole, exactly
     if not seek:
-        monkeypatch.setattr(stream_mod, "_SEEK_DATA", None)  # a filesystem without holes
+        monkeypatch.setattr(fsutil, "_SEEK_DATA", None)  # a filesystem without holes
     layout = layout_of(SPARSE_BLOCKS)
     image = tmp_path / "mem.img"
     sparse_image(image, layout.size, sparse_writes())
@@ -566,7 +567,8 @@ def test_emit_random_sparse_images_equals_full_scan(tmp_path, monkeypatch, seed)
 
 def test_emit_skips_long_holes_and_reads_all_data(tmp_path):
     """The ranges read cover every data extent but not the long holes between them."""
-    from cloudlet.memory.stream import _MIN_HOLE, _data_ranges
+    from cloudlet.fsutil import data_ranges
+    from cloudlet.memory.stream import _MIN_HOLE
 
     layout = layout_of(SPARSE_BLOCKS)
     image = tmp_path / "mem.img"
@@ -575,7 +577,7 @@ def test_emit_skips_long_holes_and_reads_all_data(tmp_path):
     if os.stat(image).st_blocks * 512 >= layout.size:
         pytest.skip("the filesystem of tmp_path does not keep holes")
     with open(image, "rb") as f:
-        ranges = list(_data_ranges(f.fileno(), 0, layout.size))
+        ranges = list(data_ranges(f.fileno(), 0, layout.size, PAGE_SIZE, _MIN_HOLE))
     assert ranges == sorted(ranges) and all(s < e for s, e in ranges)
     assert all(e <= s2 for (_, e), (s2, _) in zip(ranges, ranges[1:], strict=False))
     for offset, data in writes:
