@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,37 @@ def test_guest_config(test_guest_info: dict) -> VMConfig:
         initrd_sha256=file_sha256(test_guest_info["initrd"]),
         append=test_guest_info["append"],
     )
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    """A libvirt daemon answering on qemu:///system: the one running, or one started here.
+
+    CI machines have the packages (tools/setup.sh) but no systemd to start the daemon, so the
+    tests start libvirtd (and virtlogd, which it needs for QEMU's logs) and stop them after.
+    """
+    uri = "qemu:///system"
+
+    def answers() -> bool:
+        done = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, timeout=30)
+        return done.returncode == 0
+
+    started = []
+    if not answers():
+        for daemon in ("virtlogd", "libvirtd"):
+            proc = subprocess.Popen([daemon], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            started.append(proc)
+        deadline = time.monotonic() + 60
+        while not answers():
+            if time.monotonic() > deadline or any(p.poll() is not None for p in started):
+                for p in started:
+                    p.kill()
+                pytest.fail("libvirtd did not come up within 60 s")
+            time.sleep(0.5)
+    yield uri
+    for proc in reversed(started):
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod zstd xz-utils
-              python3-venv procps)
+              python3-venv procps libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

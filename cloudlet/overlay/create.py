@@ -20,7 +20,7 @@ from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import QemuVM
 from cloudlet.index import ChunkIndex
-from cloudlet.memory.stream import MemoryLayout, parse_stream
+from cloudlet.memory.stream import MemoryLayout, open_snapshot, parse_stream
 from cloudlet.overlay.writer import OverlayInfo, OverlayWriter
 from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions, resume_base
@@ -82,13 +82,15 @@ def create_overlay(
 
 def build_overlay(
     base: BaseVM,
-    memory_stream: Path,
+    memory_snapshot: Path,
     disk: Path,
     spec: OverlaySpec,
     stats: Stats,
     work_dir: Path,
 ) -> OverlayInfo:
-    """The data half of capture: a saved QEMU memory stream + the VM's disk -> overlay file.
+    """The data half of capture: a saved memory snapshot + the VM's disk -> overlay file.
+
+    The snapshot is a QEMU migration stream or a libvirt save file (`virsh save`, Nova).
 
     `disk` is a qcow2 over the base's raw disk (only its allocated clusters are compared) or a
     full raw image (scanned). `work_dir` holds the parsed memory image while the overlay is built.
@@ -97,10 +99,8 @@ def build_overlay(
     layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
     memory = work_dir / "memory.img"
     try:
-        with (
-            stats.stage("parse memory", memory_stream.stat().st_size),
-            open(memory_stream, "rb") as src,
-        ):
+        src, _kind = open_snapshot(memory_snapshot)  # a bare QEMU stream or a `virsh save` file
+        with stats.stage("parse memory", memory_snapshot.stat().st_size), src:
             custom_layout = parse_stream(src, memory)
         if not custom_layout.ram_compatible(layout):
             raise ConfigMismatch("the customised VM's RAM blocks differ from the base's")

@@ -21,8 +21,11 @@ from cloudlet.errors import HypervisorError
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import Forward, free_port
-from cloudlet.memory.stream import MemoryLayout
+from cloudlet.memory.libvirt import LibvirtSaveHeader, write_save_file
+from cloudlet.memory.stream import MemoryLayout, emit_stream
 from cloudlet.overlay import format as overlay_format
+from cloudlet.overlay.create import OverlaySpec, build_overlay
+from cloudlet.overlay.reader import OverlayReader
 from cloudlet.stats import Stats
 from cloudlet.synthesis import SynthesisSpec, synthesize
 from cloudlet.vm import HostOptions, resume_vm
@@ -331,3 +334,33 @@ def test_restore_into_other_hardware_fails_fast_and_cleanly(home_a: Path, tmp_pa
     assert not (tmp_path / "incoming.fifo").exists()
     ps = subprocess.run(["pgrep", "-f", f"qemu-system.*{tmp_path}"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""
+
+
+def test_overlay_from_a_libvirt_save_file(home_a: Path, tmp_path: Path):
+    """Memory saved by libvirt (`virsh save`, as Nova does) is captured like QEMU's own stream.
+
+    The VM here is the base itself, unchanged: its overlay ships no chunk at all, and
+    synthesizing it gives back the base's running guest.
+    """
+    home = CloudletHome(home_a)
+    base = BaseStore(home).get("testguest")
+    layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
+    save = tmp_path / "vm.save"
+    with open(save, "wb") as out:
+        write_save_file(
+            out,
+            LibvirtSaveHeader(xml="<domain type='qemu'/>", was_running=True),
+            lambda o: emit_stream(layout, base.memory_path, o),
+        )
+    disk = tmp_path / "disk.qcow2"
+    create_cow(base.disk_path, disk)
+    overlay = tmp_path / "unchanged.overlay"
+    work = tmp_path / "work"
+    work.mkdir()
+    build_overlay(base, save, disk, OverlaySpec(overlay), Stats(), work_dir=work)
+    reader = OverlayReader.open(overlay)
+    assert len(reader.chunk_map) == 0 and reader.slot_count == 0
+    port = free_port()
+    spec = SynthesisSpec(overlay=overlay, host=HostOptions([Forward("tcp", port, 80)]))
+    with synthesize(home, spec, Stats()):
+        assert http_get(port) == "cloudlet base disk\n"

@@ -249,18 +249,6 @@ def test_libvirt_container_of_a_real_stream_restores_in_qemu(workdir, parsed):
         vm.stop()
 
 
-def _virsh_works() -> bool:
-    if not shutil.which("virsh"):
-        return False
-    try:
-        done = subprocess.run(
-            ["virsh", "-c", "qemu:///system", "version"], capture_output=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
 DOMAIN_XML = """<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>128</memory>
@@ -271,8 +259,8 @@ DOMAIN_XML = """<domain type='qemu'>
 """
 
 
-@pytest.mark.skipif(not _virsh_works(), reason="libvirt (virsh, libvirtd) is not available")
-def test_virsh_save_file_read_edited_and_restored_by_libvirt(workdir):
+@pytest.mark.qemu
+def test_virsh_save_file_read_edited_and_restored_by_libvirt(workdir, libvirtd):
     """Read a real `virsh save`, rewrite it with edited XML and re-emitted RAM, restore it."""
     name = f"cloudlet-test-{os.getpid()}"
     xml = workdir / "domain.xml"
@@ -281,7 +269,7 @@ def test_virsh_save_file_read_edited_and_restored_by_libvirt(workdir):
 
     def virsh(*args: str) -> str:
         done = subprocess.run(
-            ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=120
+            ["virsh", "-c", libvirtd, *args], capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 0, done.stderr
         return done.stdout
