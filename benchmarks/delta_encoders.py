@@ -51,7 +51,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cloudlet-delta-"))
     try:
         home, base = guest_base(work)
-        stream, disk = capture(home, base, WORKLOADS[args.workload], work)
+        stream, disk = capture(base, WORKLOADS[args.workload], work)
         memory = work / "memory.img"
         with open(stream, "rb") as src:
             layout = parse_stream(src, memory)

@@ -27,16 +27,19 @@ sys.path.insert(0, str(REPO))
 
 from cloudlet.basevm.create import BaseSpec, Readiness, create_base  # noqa: E402
 from cloudlet.basevm.store import BaseStore, BaseVM  # noqa: E402
-from cloudlet.disk import create_cow  # noqa: E402
 from cloudlet.fsutil import clone_sparse  # noqa: E402
 from cloudlet.home import CloudletHome  # noqa: E402
 from cloudlet.hypervisor.config import VMConfig  # noqa: E402
 from cloudlet.hypervisor.qemu import Forward, LaunchSpec, QemuVM, free_port, http_get  # noqa: E402
-from cloudlet.memory.stream import MemoryLayout  # noqa: E402
-from cloudlet.overlay.create import OverlaySpec, build_overlay  # noqa: E402
+from cloudlet.overlay.create import (  # noqa: E402
+    Customisation,
+    OverlaySpec,
+    build_overlay,
+    capture_customised,
+)
 from cloudlet.stats import Stats  # noqa: E402
 from cloudlet.synthesis import SynthesisSpec, synthesize  # noqa: E402
-from cloudlet.vm import HostOptions, resume_base  # noqa: E402
+from cloudlet.vm import HostOptions  # noqa: E402
 
 WORKLOADS = {
     # what tools/demo.sh does: a page on disk, a RAM-only web server, 1 MiB of random data
@@ -145,29 +148,13 @@ def phase_synth(home: str, overlay: str, expect: str) -> None:
     )
 
 
-def capture(home: CloudletHome, base, workload: str, work: Path) -> tuple[Path, Path]:
+def capture(base: BaseVM, workload: str, work: Path) -> tuple[Path, Path]:
     """Resume the base, customise, save memory; return (memory stream, qcow2 diff disk)."""
-    disk = work / "custom.qcow2"
-    create_cow(base.disk_path, disk)
-    stream = work / "custom.stream"
-    run = home.new_run_dir("bench")
-    vm = resume_base(
-        base,
-        disk=disk,
-        disk_format="qcow2",
-        memory_image=base.memory_path,
-        layout=MemoryLayout.from_bytes(base.memory_layout_path.read_bytes()),
-        run_dir=run,
-        host=HostOptions(),
-        stats=Stats(),
-        timeout=300,
+    run = work / "capture"
+    run.mkdir()
+    return capture_customised(
+        base, run, Customisation(script=workload, timeout=600), HostOptions(), Stats()
     )
-    with vm:
-        vm.run_in_guest(workload, timeout=600)
-        vm.save_memory(stream, timeout=300, live=base.config["balloon"])
-        vm.quit(timeout=30)
-    shutil.rmtree(run)
-    return stream, disk
 
 
 def naive_synth(
@@ -277,7 +264,7 @@ def main() -> None:
             init_on_free=not args.no_init_on_free,
             balloon=not args.no_balloon,
         )
-        stream, disk = capture(home, base, WORKLOADS[args.workload], work)
+        stream, disk = capture(base, WORKLOADS[args.workload], work)
 
         # naive: qcow2 diff + full memory snapshot, zstd -19
         disk_zst, t_disk = zstd19(disk)

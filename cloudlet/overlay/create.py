@@ -50,34 +50,45 @@ def create_overlay(
 ) -> OverlayInfo:
     run_dir = home.new_run_dir("overlay")
     try:
-        disk = run_dir / "disk.qcow2"
-        create_cow(base.disk_path, disk)
-        vm = resume_base(
-            base,
-            disk=disk,
-            disk_format="qcow2",
-            memory_image=base.memory_path,
-            layout=MemoryLayout.from_bytes(base.memory_layout_path.read_bytes()),
-            run_dir=run_dir,
-            host=spec.host,
-            stats=stats,
-            timeout=custom.timeout,
-        )
-        stream = run_dir / "memory.stream"
-        with vm:
-            with stats.stage("customise"):
-                if custom.script is not None:
-                    output = vm.run_in_guest(custom.script, timeout=custom.timeout)
-                    LOG.info("customisation script output:\n%s", output)
-                if custom.wait_for_user is not None:
-                    custom.wait_for_user(vm)
-            with stats.stage("save memory"):
-                # live while the balloon can hint free pages, so they are not saved
-                vm.save_memory(stream, timeout=custom.timeout, live=vm.spec.config.balloon)
-            vm.quit(timeout=30)
-        return build_overlay(base, stream, disk, spec, stats, work_dir=run_dir)
+        snapshot, disk = capture_customised(base, run_dir, custom, spec.host, stats)
+        return build_overlay(base, snapshot, disk, spec, stats, work_dir=run_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def capture_customised(
+    base: BaseVM, run_dir: Path, custom: Customisation, host: HostOptions, stats: Stats
+) -> tuple[Path, Path]:
+    """The VM half of capture: resume the base, customise it, save it.
+
+    Returns (memory snapshot, qcow2 disk over the base disk), both in `run_dir`.
+    """
+    disk = run_dir / "disk.qcow2"
+    create_cow(base.disk_path, disk)
+    vm = resume_base(
+        base,
+        disk=disk,
+        disk_format="qcow2",
+        memory_image=base.memory_path,
+        layout=MemoryLayout.from_bytes(base.memory_layout_path.read_bytes()),
+        run_dir=run_dir,
+        host=host,
+        stats=stats,
+        timeout=custom.timeout,
+    )
+    snapshot = run_dir / "memory.stream"
+    with vm:
+        with stats.stage("customise"):
+            if custom.script is not None:
+                output = vm.run_in_guest(custom.script, timeout=custom.timeout)
+                LOG.info("customisation script output:\n%s", output)
+            if custom.wait_for_user is not None:
+                custom.wait_for_user(vm)
+        with stats.stage("save memory"):
+            # live while the balloon can hint free pages, so they are not saved
+            vm.save_memory(snapshot, timeout=custom.timeout, live=vm.spec.config.balloon)
+        vm.quit(timeout=30)
+    return snapshot, disk
 
 
 def build_overlay(
