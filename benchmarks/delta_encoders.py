@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cloudlet-delta-"))
     try:
-        home, base = guest_base(work)
+        _, base = guest_base(work)
         stream, disk = capture(base, WORKLOADS[args.workload], work)
         memory = work / "memory.img"
         with open(stream, "rb") as src:
