@@ -16,6 +16,7 @@ import shutil
 import tarfile
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,7 +42,6 @@ from cloudlet.basevm.store import (
     BaseStore,
     BaseVM,
     FileInfo,
-    copy_sparse,
     read_config,
 )
 from cloudlet.errors import BaseExists, BasePackageError
@@ -503,3 +503,45 @@ def _check_contents(staging: Path, manifest: PackageManifest, verified: dict[str
             f"the package contents have base id {base_id}, {MANIFEST} says {manifest.base_id} "
             f"(config sha256 {config_sha256(config)}): the package is inconsistent"
         )
+
+
+_ZERO_BLOCK = bytes(READ_SIZE)
+
+
+def copy_sparse(
+    src: BinaryIO,
+    dst: Path,
+    size: int | None = None,
+    on_block: Callable[[bytes], None] | None = None,
+) -> int:
+    """Copy `size` bytes (or to EOF) of a stream into a new file `dst`, seeking over all-zero
+    1 MiB blocks.
+
+    Memory images are mostly zeros: this keeps them sparse on disk. `on_block` sees every block
+    (hashing). Returns the bytes copied; the caller checks it against what it expected.
+    """
+    done = 0
+    # `on_block` (sha256) runs in a worker while this thread writes and reads the next block.
+    with (
+        open(dst, "xb") as out,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-hash") as pool,
+    ):
+        pending = None
+        while size is None or done < size:
+            want = READ_SIZE if size is None else min(READ_SIZE, size - done)
+            block = src.read(want)
+            if not block:
+                break
+            if on_block:
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(on_block, block)
+            if len(block) == READ_SIZE and block == _ZERO_BLOCK:
+                out.seek(len(block), os.SEEK_CUR)
+            else:
+                out.write(block)
+            done += len(block)
+        out.truncate(done)
+        if pending is not None:
+            pending.result()
+    return done

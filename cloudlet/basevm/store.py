@@ -20,12 +20,13 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from cloudlet import hashing
 from cloudlet.basevm.identity import canonical_json, compute_base_id, config_sha256, is_base_id
 from cloudlet.errors import AmbiguousBase, BaseExists, BaseNotFound, BaseVMError
-from cloudlet.hashing import READ_SIZE, iter_windows, window_digests
+from cloudlet.fsutil import clone_sparse
+from cloudlet.hashing import iter_windows, window_digests
 from cloudlet.home import CloudletHome
 from cloudlet.index import ChunkIndex
 
@@ -308,7 +309,7 @@ class BaseStore:
             log.info("copying %s into %s (another filesystem)", src, self.home.tmp)
             moved_from, src = src, self.home.make_staging_dir("copy-")
             for n in present:
-                copy_sparse(moved_from / n, src / n)
+                clone_sparse(moved_from / n, src / n)
 
         base = BaseVM(
             id=base_id,
@@ -538,54 +539,3 @@ def image_sha256_and_digest(path: Path, size: int | None = None) -> tuple[str, s
         sha.update(data)
         tree.update(window_digests(data).tobytes())
     return sha.hexdigest(), tree.hexdigest()
-
-
-_ZERO_BLOCK = bytes(READ_SIZE)
-
-
-def copy_sparse(
-    src: Path | BinaryIO,
-    dst: Path,
-    size: int | None = None,
-    on_block: Callable[[bytes], None] | None = None,
-) -> int:
-    """Copy `size` bytes (or to EOF) into a new file `dst`, seeking over all-zero 1 MiB blocks.
-
-    Memory images are mostly zeros: this keeps them sparse on disk. `on_block` sees every block
-    (hashing). Returns the bytes copied; the caller checks it against what it expected.
-    """
-    done = 0
-    # `on_block` (sha256) runs in a worker while this thread writes and reads the next block.
-    with (
-        open(dst, "xb") as out,
-        _open_source(src) as inp,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-hash") as pool,
-    ):
-        pending = None
-        while size is None or done < size:
-            want = READ_SIZE if size is None else min(READ_SIZE, size - done)
-            block = inp.read(want)
-            if not block:
-                break
-            if on_block:
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(on_block, block)
-            if len(block) == READ_SIZE and block == _ZERO_BLOCK:
-                out.seek(len(block), os.SEEK_CUR)
-            else:
-                out.write(block)
-            done += len(block)
-        out.truncate(done)
-        if pending is not None:
-            pending.result()
-    return done
-
-
-@contextmanager
-def _open_source(src: Path | BinaryIO) -> Iterator[BinaryIO]:
-    if isinstance(src, (str, os.PathLike)):
-        with open(src, "rb") as f:
-            yield f
-    else:
-        yield src
