@@ -63,6 +63,13 @@ def find_base(home: CloudletHome, base_id: str) -> BaseVM:
 def synthesize(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> Synthesis:
     with stats.stage("open + verify manifest"):
         reader = OverlayReader.open(spec.overlay)
+    with reader:  # the overlay is only read until it is applied
+        return _synthesize(home, reader, spec, stats)
+
+
+def _synthesize(
+    home: CloudletHome, reader: OverlayReader, spec: SynthesisSpec, stats: Stats
+) -> Synthesis:
     base = find_base(home, reader.base_id)
     config = VMConfig.from_dict(base.config)
     config.check_compatible(VMConfig.from_dict(json.loads(reader.blob("vm-config"))))

@@ -7,7 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloudlet.basevm.store import BaseStore, BaseVM
+from cloudlet.basevm.store import (
+    CONFIG,
+    DISK,
+    INITRD,
+    KERNEL,
+    LAYOUT,
+    MEMORY,
+    BaseStore,
+    BaseVM,
+)
 from cloudlet.disk import convert_to_raw, disk_format
 from cloudlet.errors import BaseVMError
 from cloudlet.fsutil import clone_sparse
@@ -60,14 +69,14 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
     run_dir = home.new_run_dir("base")
     try:
         with stats.stage("copy disk"):
-            copy_disk_as_raw(spec.disk, staging / "disk.raw")
+            copy_disk_as_raw(spec.disk, staging / DISK)
         kernel_sha = initrd_sha = None
         if spec.kernel:
-            shutil.copyfile(spec.kernel, staging / "kernel")
-            kernel_sha = file_sha256(staging / "kernel")
+            shutil.copyfile(spec.kernel, staging / KERNEL)
+            kernel_sha = file_sha256(staging / KERNEL)
         if spec.initrd:
-            shutil.copyfile(spec.initrd, staging / "initrd")
-            initrd_sha = file_sha256(staging / "initrd")
+            shutil.copyfile(spec.initrd, staging / INITRD)
+            initrd_sha = file_sha256(staging / INITRD)
         config = VMConfig(
             machine=resolve_machine(spec.machine),
             memory_mib=spec.memory_mib,
@@ -81,16 +90,14 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
             initrd_sha256=initrd_sha,
             append=spec.append,
         )
-        (staging / "vm-config.json").write_text(
-            json.dumps(config.to_dict(), indent=2, sort_keys=True)
-        )
+        (staging / CONFIG).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         launch = LaunchSpec(
             config=config,
-            disk=staging / "disk.raw",
+            disk=staging / DISK,
             disk_format="raw",
             run_dir=run_dir,
-            kernel=staging / "kernel" if spec.kernel else None,
-            initrd=staging / "initrd" if spec.initrd else None,
+            kernel=staging / KERNEL if spec.kernel else None,
+            initrd=staging / INITRD if spec.initrd else None,
             forwards=spec.host.forwards,
             extra_args=spec.host.extra_args,
             vnc=spec.host.vnc,
@@ -107,11 +114,14 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
                 vm.save_memory(stream, timeout=ready.timeout, live=config.balloon)
             vm.quit(timeout=30)
         with stats.stage("parse memory", stream.stat().st_size), open(stream, "rb") as src:
-            layout = parse_stream(src, staging / "memory.img")
-        (staging / "memory.layout").write_bytes(layout.to_bytes())
+            layout = parse_stream(src, staging / MEMORY)
+        (staging / LAYOUT).write_bytes(layout.to_bytes())
         stream.unlink()
         with stats.stage("index + register"):
-            base = BaseStore(home).add_from_directory(staging, spec.name)
+            known = {KERNEL: kernel_sha, INITRD: initrd_sha}
+            base = BaseStore(home).add_from_directory(
+                staging, spec.name, file_sha256={n: d for n, d in known.items() if d}
+            )
         stats.counters["memory size"] = layout.size
         stats.counters["disk size"] = base.disk_size
         return base

@@ -358,8 +358,8 @@ def test_overlay_from_a_libvirt_save_file(home_a: Path, tmp_path: Path):
     work = tmp_path / "work"
     work.mkdir()
     build_overlay(base, save, disk, OverlaySpec(overlay), Stats(), work_dir=work)
-    reader = OverlayReader.open(overlay)
-    assert len(reader.chunk_map) == 0 and reader.slot_count == 0
+    with OverlayReader.open(overlay) as reader:
+        assert len(reader.chunk_map) == 0 and reader.slot_count == 0
     port = free_port()
     spec = SynthesisSpec(overlay=overlay, host=HostOptions([Forward("tcp", port, 80)]))
     with synthesize(home, spec, Stats()):
