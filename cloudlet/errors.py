@@ -33,8 +33,24 @@ class WrongBase(OverlayError):
     """The overlay was made against a base VM other than the one offered."""
 
 
+class SourceError(CloudletError):
+    """An overlay source (file, URL, upload, Glance image) cannot be opened or read."""
+
+
+class SourceNotAllowed(SourceError):
+    """An overlay URL is outside the allow-list (or carries credentials)."""
+
+
 class VerificationFailed(CloudletError):
     """A synthesized image does not have the digest the overlay promises."""
+
+
+class SynthesisTimeout(CloudletError):
+    """The overlay did not finish arriving and applying within the allowed time."""
+
+
+class AccessTraceError(CloudletError):
+    """An access trace is malformed, or names chunks the overlay it should order cannot have."""
 
 
 class BaseVMError(CloudletError):
@@ -76,3 +92,23 @@ class GuestCommandFailed(HypervisorError):
         super().__init__(message)
         self.returncode = returncode
         self.output = output
+
+
+class ServerError(CloudletError):
+    """The synthesis server refused a request, or a synthesis it runs failed."""
+
+
+class ServerBusy(ServerError):
+    """The server already runs as many syntheses as it was started to allow."""
+
+
+class SynthesisNotFound(ServerError):
+    """No synthesis with that id on this server (finished and deleted, or never made)."""
+
+
+class FilesystemError(CloudletError):
+    """The early-start filesystem (cloudletfs) could not be mounted, unmounted or served."""
+
+
+class FetchTimeout(FilesystemError):
+    """A chunk the guest needs did not arrive within the fetch deadline."""
