@@ -1,10 +1,14 @@
 """File-system steps several stages share: durable renames, sparse copies, finding holes."""
 
 import errno
+import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _MIN_COPY_RATE = 10e6  # bytes/s below which a copy counts as hung
 
@@ -97,3 +101,65 @@ def _seek(fd: int, pos: int, whence: int | None, end: int) -> int | None:
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return None
         raise
+
+
+_FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def fuse_mounts_under(path: Path) -> list[tuple[Path, int]]:
+    """(mountpoint, FUSE connection number) of the FUSE mounts at or below `path`, deepest
+    first, from /proc/self/mountinfo (reading it never touches the mounts themselves, so a hung
+    filesystem cannot hang the caller)."""
+    root = os.path.realpath(path)
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        mountpoint = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if fstype.split(".")[0] in ("fuse", "fuseblk") and (
+            mountpoint == root or mountpoint.startswith(root.rstrip("/") + "/")
+        ):
+            found.append((Path(mountpoint), int(fields[2].split(":")[1])))
+    return sorted(found, key=lambda m: -len(m[0].parts))
+
+
+def unmount_fuse(mountpoint: Path, *, lazy: bool = False, timeout: float = 10.0) -> bool:
+    """fusermount3 -u (-z: detach now, end when the last user closes); True if it worked."""
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("%s: %s", " ".join(cmd), e)
+        return False
+    if done.returncode:
+        log.info("%s: %s", " ".join(cmd), done.stderr.strip())
+    return done.returncode == 0
+
+
+def abort_fuse_connection(connection: int) -> bool:
+    """End a FUSE connection from the kernel's side: every request, queued or to come, fails and
+    the serving threads see the device close. True if the abort file could be written."""
+    if not os.path.ismount(_FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(_FUSECTL)],
+                       capture_output=True, timeout=10)
+    try:
+        (_FUSECTL / str(connection) / "abort").write_text("1")
+    except OSError as e:
+        log.info("aborting FUSE connection %d: %s", connection, e)
+        return False
+    return True
+
+
+def detach_mounts_under(path: Path, timeout: float = 10.0) -> list[Path]:
+    """Unmount every FUSE mount at or below `path` (a dead owner's mount answers nothing, and
+    removing the directory under it fails): plain unmount, else lazy unmount plus an abort of
+    its connection. Returns the mountpoints that were detached."""
+    detached = []
+    for mountpoint, connection in fuse_mounts_under(path):
+        log.info("detaching stale FUSE mount %s", mountpoint)
+        if not unmount_fuse(mountpoint, timeout=timeout):
+            abort_fuse_connection(connection)
+            if not unmount_fuse(mountpoint, lazy=True, timeout=timeout):
+                continue
+        detached.append(mountpoint)
+    return detached

@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cloudlet.fsutil import detach_mounts_under
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "CLOUDLET_HOME"
@@ -110,6 +112,7 @@ def remove_orphans(parent: Path) -> list[Path]:
             continue
         log.info("removing %s, left behind by process %s", entry, m.group(1))
         if entry.is_dir() and not entry.is_symlink():
+            detach_mounts_under(entry)  # a dead owner's cloudletfs mount blocks the removal
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
