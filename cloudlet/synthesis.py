@@ -1,53 +1,62 @@
-"""Synthesize a VM: base + overlay -> verified disk and memory images -> guest resumed running."""
+"""Synthesize a VM: base + overlay (a file, a URL or an upload) -> the guest resumed running.
 
+`prepare_synthesis` opens the overlay's source, reads and verifies everything before the frames
+and checks the base and the VM configuration: nothing has started yet. `Synthesis.start()` then
+runs the frame pipeline (cloudlet.pipeline) into one of two sinks:
+
+- early start (the default): cloudletfs serves the disk and memory images while frames arrive;
+  QEMU maps guest RAM privately from the memory file and restores only ROMs and device state,
+  so the guest resumes at once and a read of a missing chunk fetches its frame first;
+- without early start: plain image files, complete and verified before QEMU starts.
+
+A failure on any thread (a frame digest, a lost source, a read past the fetch deadline, a result
+digest) fails the whole synthesis: QEMU is killed, waiting reads get EIO, the mount and the run
+directory go.
+"""
+
+import contextlib
 import json
 import logging
+import os
+import secrets
 import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
 
 from cloudlet.basevm.store import BaseStore, BaseVM
-from cloudlet.errors import BaseNotFound, WrongBase
+from cloudlet.chunks import Target, chunk_count
+from cloudlet.errors import BaseNotFound, CloudletError, WrongBase
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
-from cloudlet.hypervisor.qemu import QemuVM
-from cloudlet.index import ChunkIndex
+from cloudlet.hypervisor.qemu import MAIN_RAM_BLOCK, QemuVM
 from cloudlet.memory.stream import MemoryLayout
-from cloudlet.overlay.apply import apply_overlay
 from cloudlet.overlay.reader import OverlayReader
+from cloudlet.pipeline import BaseImages, FileSink, FramePlan, Pipeline
+from cloudlet.sources import AllowList, OverlaySource, open_source
 from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions, resume_base
 
 LOG = logging.getLogger(__name__)
 
+IMAGE_NAMES = {Target.DISK: "disk.raw", Target.MEMORY: "memory.img"}  # also the trace's names
+RAM_VIEW = "guest-ram"  # the cloudletfs file QEMU maps guest RAM from
+_TEARDOWN_TIMEOUT = 120.0  # QEMU quit (10 s), pipeline join, unmount: each bounded
+
 
 @dataclass
 class SynthesisSpec:
-    overlay: Path
+    source: str | os.PathLike[str] | OverlaySource  # path or URL, or an opened source (upload)
     host: HostOptions = field(default_factory=HostOptions)
-    timeout: float = 300.0
-
-
-@dataclass
-class Synthesis:
-    """A synthesized VM, running; `close()` stops it and removes its run directory."""
-
-    vm: QemuVM
-    base: BaseVM
-    run_dir: Path
-    stats: Stats
-
-    def close(self) -> None:
-        try:
-            self.vm.quit(timeout=10)
-        finally:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def __enter__(self) -> "Synthesis":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    timeout: float = 300.0  # bound on each step that waits (restore, a whole local apply)
+    early_start: bool = True
+    fetch_deadline: float = 60.0  # a read of a missing chunk waits at most this long
+    allow: AllowList | None = None  # remote URLs the source may be fetched from
+    trace_out: Path | None = None  # write the chunk access trace here when the VM stops
 
 
 def find_base(home: CloudletHome, base_id: str) -> BaseVM:
@@ -60,51 +69,407 @@ def find_base(home: CloudletHome, base_id: str) -> BaseVM:
         ) from None
 
 
-def synthesize(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> Synthesis:
-    with stats.stage("open + verify manifest"):
-        reader = OverlayReader.open(spec.overlay)
-    with reader:  # the overlay is only read until it is applied
-        return _synthesize(home, reader, spec, stats)
+def check_overlay_fits(reader: OverlayReader, base: BaseVM) -> MemoryLayout:
+    """Refuse an overlay whose VM configuration or RAM layout differs from the base's.
 
-
-def _synthesize(
-    home: CloudletHome, reader: OverlayReader, spec: SynthesisSpec, stats: Stats
-) -> Synthesis:
-    base = find_base(home, reader.base_id)
+    Returns the overlay's memory layout (what the restored stream must look like).
+    """
     config = VMConfig.from_dict(base.config)
     config.check_compatible(VMConfig.from_dict(json.loads(reader.blob("vm-config"))))
     layout = MemoryLayout.from_bytes(reader.blob("memory-layout"))
     if not layout.ram_compatible(MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())):
         raise WrongBase("the overlay's RAM layout does not match the base VM's")
-    run_dir = home.new_run_dir("synthesis")
+    return layout
+
+
+def base_images(base: BaseVM) -> BaseImages:
+    return BaseImages(
+        disk=base.disk_path,
+        disk_digests=base.chunk_index("disk").digests,
+        memory=base.memory_path,
+        memory_digests=base.chunk_index("memory").digests,
+        base_id=base.id,
+    )
+
+
+def prepare_synthesis(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> "Synthesis":
+    """Open the overlay, verify its manifest, find its base and check they fit; start nothing."""
+    with stats.stage("open + verify manifest"):
+        if isinstance(spec.source, OverlaySource):
+            source = spec.source
+        else:
+            source = open_source(spec.source, allow=spec.allow)
+        stream: BinaryIO | None = None
+        reader: OverlayReader | None = None
+        try:
+            stream = source.stream(0)
+            reader = OverlayReader.open(stream)
+            _skip_to_frames(stream, reader)
+            base = find_base(home, reader.base_id)
+            layout = check_overlay_fits(reader, base)
+        except BaseException:
+            for closing in (reader, stream, source):
+                if closing is not None:
+                    with contextlib.suppress(Exception):
+                        closing.close()
+            raise
+    return Synthesis(home, spec, source, stream, reader, base, layout, stats)
+
+
+def synthesize(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> "Synthesis":
+    """prepare_synthesis + start: a running VM (close() it), or the reason it could not run."""
+    synth = prepare_synthesis(home, spec, stats)
     try:
-        disk, memory = run_dir / "disk.raw", run_dir / "memory.img"
-        with stats.stage("apply overlay"):
-            applied = apply_overlay(
-                reader,
-                base_disk=base.disk_path,
-                base_disk_digests=ChunkIndex.load(base.path, "disk").digests,
-                base_memory=base.memory_path,
-                base_memory_digests=ChunkIndex.load(base.path, "memory").digests,
-                out_disk=disk,
-                out_memory=memory,
-                expected_base_id=base.id,
-            )
-        for name, seconds in applied.stage_seconds().items():
-            stats.counters[f"  {name}"] = f"{seconds:.2f} s"
-        vm = resume_base(
-            base,
+        synth.start()
+    except BaseException:
+        synth.close()
+        raise
+    return synth
+
+
+class _FSSink:
+    """The pipeline's chunks go into cloudletfs, where waiting guest reads pick them up."""
+
+    def __init__(self, fs: Any, on_abort: Any) -> None:
+        self._fs = fs
+        self._on_abort = on_abort
+
+    def write(self, target: Target, chunks: np.ndarray, data: np.ndarray) -> None:
+        self._fs.write_chunks(IMAGE_NAMES[target], chunks, data)
+
+    def zero(self, target: Target, chunks: np.ndarray) -> None:
+        self._fs.zero_chunks(IMAGE_NAMES[target], chunks)
+
+    def frame_applied(self, index: int) -> None:
+        pass  # write_chunks already woke the readers of that frame's chunks
+
+    def abort(self, error: BaseException) -> None:
+        self._fs.fail(error)
+        self._on_abort(error)
+
+    def commit(self) -> None:
+        pass  # the images are complete and verified; cloudletfs serves them from now on
+
+
+class Synthesis:
+    """One synthesis on this host, from prepared to closed. Thread-safe."""
+
+    def __init__(
+        self,
+        home: CloudletHome,
+        spec: SynthesisSpec,
+        source: OverlaySource,
+        stream: BinaryIO,
+        reader: OverlayReader,
+        base: BaseVM,
+        layout: MemoryLayout,
+        stats: Stats,
+    ) -> None:
+        self.id = secrets.token_hex(8)
+        self.home, self.spec, self.base, self.stats = home, spec, base, stats
+        self.source, self._stream, self.reader, self.layout = source, stream, reader, layout
+        self.vm: QemuVM | None = None
+        self.run_dir: Path | None = None
+        self.pipeline: Pipeline | None = None
+        self.fs: Any = None  # cloudletfs.CloudletFS with early start
+        self._lock = threading.RLock()
+        self._state = "prepared"
+        self._error: BaseException | None = None
+        self._complete = threading.Event()  # every frame applied and verified, or failed
+        self._torn_down = False
+        self._teardown_thread: threading.Thread | None = None
+        self._started_at = time.monotonic()
+        self._running_at: float | None = None
+        self._watcher: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the synthesis until the guest runs (early start: before the overlay is in).
+
+        Call it from a thread that lives as long as the VM: QEMU dies with that thread.
+        """
+        with self._lock:
+            if self._state != "prepared":
+                raise CloudletError(f"synthesis {self.id} is {self._state}, not prepared")
+            self._state = "starting"
+            self.run_dir = self.home.new_run_dir("synthesis")
+        try:
+            if self.spec.early_start:
+                self._start_early()
+            else:
+                self._start_complete()
+        except BaseException as e:
+            self.fail(e)
+            self._start_teardown().join(_TEARDOWN_TIMEOUT)
+            raise (self._error or e) from None
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            self._running_at = time.monotonic()
+            if self._state == "starting":
+                self._state = "complete" if self._complete.is_set() else "running"
+        LOG.info("synthesis %s: guest running from base %s", self.id, self.base.id[:16])
+
+    def _start_complete(self) -> None:
+        """Apply everything into plain files, verify, then resume from them."""
+        assert self.run_dir is not None
+        disk, memory = self.run_dir / "disk.raw", self.run_dir / "memory.img"
+        images = base_images(self.base)
+        sizes = {t: self.reader.images[t].size for t in Target}
+        sink = FileSink(images, disk, memory, sizes)
+        self.pipeline = self._pipeline(images, sink)
+        with self.stats.stage("apply overlay", self.reader.total_length):
+            self.pipeline.start()
+            self.pipeline.wait(self.spec.timeout)
+        self._pipeline_done()
+        self.vm = resume_base(
+            self.base,
             disk=disk,
             disk_format="raw",
             memory_image=memory,
-            layout=layout,
-            run_dir=run_dir,
-            host=spec.host,
-            stats=stats,
-            timeout=spec.timeout,
+            layout=self.layout,
+            run_dir=self.run_dir,
+            host=self.spec.host,
+            stats=self.stats,
+            timeout=self.spec.timeout,
         )
         memory.unlink()  # restored into QEMU; the disk stays, the guest runs on it
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return Synthesis(vm=vm, base=base, run_dir=run_dir, stats=stats)
+
+    def _start_early(self) -> None:
+        """Mount cloudletfs over the base, start the pipeline into it, resume at once."""
+        from cloudletfs import CloudletFS, ImageSpec, View  # FUSE only where early start runs
+
+        assert self.run_dir is not None
+        images = base_images(self.base)
+        plan = FramePlan.of(self.reader)
+        specs = []
+        for target, name in IMAGE_NAMES.items():
+            base_path, _ = images.image(target)
+            size = self.reader.images[target].size
+            state, frame = _initial_state(plan, target, size, os.path.getsize(base_path))
+            specs.append(ImageSpec(name, size, base_path, self.run_dir / f"{name}.layer",
+                                   state, frame))
+        ram = self.layout.block(MAIN_RAM_BLOCK)
+        views = [View(RAM_VIEW, IMAGE_NAMES[Target.MEMORY], ram.offset, ram.length)]
+        mnt = self.run_dir / "mnt"
+        mnt.mkdir()
+        with self.stats.stage("mount cloudletfs"):
+            self.fs = CloudletFS(
+                mnt,
+                specs,
+                views,
+                on_demand=self._demand,
+                on_failure=self.fail,
+                fetch_deadline=self.spec.fetch_deadline,
+            )
+            self.fs.mount(timeout=self.spec.timeout)
+        self.pipeline = self._pipeline(images, _FSSink(self.fs, self.fail))
+        self.pipeline.start()  # ZERO and BASE_* chunks are in before QEMU reads anything
+        self._watcher = threading.Thread(
+            target=self._watch, name=f"synthesis-{self.id}", daemon=True
+        )
+        self._watcher.start()
+        self.vm = resume_base(
+            self.base,
+            disk=self.fs.path(IMAGE_NAMES[Target.DISK]),
+            disk_format="raw",
+            memory_image=self.fs.path(IMAGE_NAMES[Target.MEMORY]),
+            layout=self.layout,
+            run_dir=self.run_dir,
+            host=self.spec.host,
+            stats=self.stats,
+            timeout=self.spec.timeout,
+            ram_file=self.fs.path(RAM_VIEW),
+        )
+
+    def _pipeline(self, images: BaseImages, sink: Any) -> Pipeline:
+        return Pipeline(
+            self.reader,
+            self.source,
+            images,
+            sink,
+            stats=self.stats,
+            frames_stream=self._stream,
+        )
+
+    def _demand(self, frame: int) -> None:
+        pipeline = self.pipeline
+        if pipeline is not None:
+            pipeline.demand(frame)
+
+    def _watch(self) -> None:
+        """Early start: the rest of the overlay streams in behind the running guest."""
+        assert self.pipeline is not None
+        try:
+            self.pipeline.wait(None)
+        except BaseException as e:  # noqa: BLE001 - handed to fail(), reported by status()
+            self.fail(e)
+            return
+        self._pipeline_done()
+        with self._lock:
+            if self._state == "running":
+                self._state = "complete"
+        LOG.info("synthesis %s: overlay complete and verified", self.id)
+
+    def _pipeline_done(self) -> None:
+        assert self.pipeline is not None
+        status = self.pipeline.status()
+        self.stats.counters["overlay complete after"] = (
+            f"{time.monotonic() - self._started_at:.2f} s"
+        )
+        self.stats.counters["frames fetched on demand"] = status["demand_fetches"]
+        for stage, seconds in status["seconds"].items():
+            self.stats.counters[f"  pipeline {stage}"] = f"{seconds:.2f} s"
+        self._complete.set()
+
+    def wait_complete(self, timeout: float) -> None:
+        """Until the whole overlay is applied and verified; raises the synthesis's failure."""
+        if not self._complete.wait(timeout):
+            raise CloudletError(
+                f"synthesis {self.id}: the overlay was not complete after {timeout:.0f} s"
+            )
+        if self._error is not None:
+            raise self._error
+
+    def fail(self, error: BaseException) -> None:
+        """Fail the synthesis: the VM is killed, readers get EIO, mount and files go.
+
+        Safe from any thread (a pipeline stage, a cloudletfs deadline, the owner): the tear-down
+        runs on a thread of its own, since it joins the pipeline and unmounts the filesystem.
+        """
+        with self._lock:
+            if self._error is None and self._state != "closed":
+                self._error = error
+                self._state = "failed"
+                LOG.error("synthesis %s failed: %s", self.id, error)
+        self._complete.set()
+        self._start_teardown()
+
+    def close(self) -> None:
+        """Stop the VM and remove everything the synthesis made; idempotent, bounded."""
+        with self._lock:
+            if self._state != "failed":
+                self._state = "closed"
+        self._start_teardown().join(_TEARDOWN_TIMEOUT)
+
+    def _start_teardown(self) -> threading.Thread:
+        with self._lock:
+            if self._teardown_thread is None:
+                self._teardown_thread = threading.Thread(
+                    target=self._teardown, name=f"synthesis-{self.id}-teardown", daemon=True
+                )
+                self._teardown_thread.start()
+            return self._teardown_thread
+
+    def __enter__(self) -> "Synthesis":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _teardown(self) -> None:
+        self._torn_down = True
+        failed = self._error is not None
+        vm, fs, pipeline = self.vm, self.fs, self.pipeline
+        if vm is not None:
+            if failed:
+                vm.kill()
+            else:
+                with contextlib.suppress(Exception):
+                    vm.quit(timeout=10)
+                vm.kill()
+        if pipeline is not None:
+            pipeline.close()
+        if fs is not None:
+            if failed:
+                fs.fail(self._error)
+            if self.spec.trace_out is not None:
+                self._write_trace(fs.trace())
+            with contextlib.suppress(Exception):
+                self.stats.counters["cloudletfs"] = json.dumps(_fs_summary(fs.stats()))
+            fs.unmount()
+        for closing in (self.reader, self._stream, self.source):
+            with contextlib.suppress(Exception):
+                closing.close()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _write_trace(self, rows: list[dict]) -> None:
+        assert self.spec.trace_out is not None
+        tmp = self.spec.trace_out.with_name(self.spec.trace_out.name + ".partial")
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, self.spec.trace_out)
+
+    # -- status ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            progress = self.pipeline.status() if self.pipeline is not None else {}
+            progress.pop("seconds", None)
+            out: dict[str, Any] = {
+                "id": self.id,
+                "state": self._state,
+                "error": None if self._error is None else str(self._error),
+                "base_id": self.base.id,
+                "overlay": self.source.url,
+                "early_start": self.spec.early_start,
+                "progress": progress,
+                "stats": self.stats.as_dict(),
+            }
+            if self._running_at is not None:
+                out["running_after"] = round(self._running_at - self._started_at, 3)
+            if self.fs is not None and not self._torn_down:
+                out["cloudletfs"] = _fs_summary(self.fs.stats())
+            return out
+
+
+def _initial_state(
+    plan: FramePlan, target: Target, size: int, base_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """cloudletfs chunk states before any frame arrives: the base, zeros past its end, and
+    PENDING for every chunk a frame supplies (ZERO/BASE_* rows land in pipeline.start())."""
+    from cloudletfs import ChunkState
+
+    count = chunk_count(size)
+    state = np.full(count, ChunkState.BASE, dtype=np.uint8)
+    state[min(count, base_size // 4096) :] = ChunkState.ZERO
+    if base_size % 4096 and base_size // 4096 < count:
+        state[base_size // 4096] = ChunkState.BASE  # the base's partial last chunk
+    frame = np.full(count, -1, dtype=np.int32)
+    chunks, frames = plan.supplied(target)
+    state[chunks] = ChunkState.PENDING
+    frame[chunks] = frames
+    return state, frame
+
+
+def _skip_to_frames(stream: BinaryIO, reader: OverlayReader) -> None:
+    """Leave `stream` at the first frame (the pipeline goes on reading frames from it)."""
+    if stream.seekable():
+        stream.seek(reader.frames_offset)
+        return
+    gap = reader.frames_offset - reader.consumed
+    while gap > 0:
+        block = stream.read(min(gap, 1 << 20))
+        if not block:
+            break  # truncated: the pipeline reports it when it reads the first frame
+        gap -= len(block)
+
+
+def _fs_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    keep = ("reads", "read_bytes", "writes", "demand_misses", "frames_demanded", "eio")
+    out = {k: stats[k] for k in keep if k in stats}
+    for k in ("wait_total", "wait_max"):
+        if k in stats:
+            out[k] = round(float(stats[k]), 4)
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from cloudlet.basevm.store import BaseVM
 from cloudlet.errors import HypervisorError
 from cloudlet.hypervisor.config import VMConfig
-from cloudlet.hypervisor.qemu import Forward, LaunchSpec, QemuVM
+from cloudlet.hypervisor.qemu import MAIN_RAM_BLOCK, Forward, LaunchSpec, QemuVM
 from cloudlet.memory.stream import MemoryLayout, emit_stream
 from cloudlet.stats import Stats
 
@@ -41,9 +41,17 @@ class HostOptions:
 class _StreamFeeder(threading.Thread):
     """Writes the migration stream of a memory image into a FIFO once QEMU opens it."""
 
-    def __init__(self, layout: MemoryLayout, image: Path, fifo: Path, timeout: float) -> None:
+    def __init__(
+        self,
+        layout: MemoryLayout,
+        image: Path,
+        fifo: Path,
+        timeout: float,
+        skip_blocks: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(name="memory-stream-feeder", daemon=True)
         self.layout, self.image, self.fifo = layout, image, fifo
+        self.skip_blocks = skip_blocks
         self.deadline = time.monotonic() + timeout
         self.error: BaseException | None = None
         self.cancelled = threading.Event()
@@ -52,7 +60,7 @@ class _StreamFeeder(threading.Thread):
         try:
             fd = self._open_writer()
             with open(fd, "wb", buffering=1 << 20) as out:
-                emit_stream(self.layout, self.image, out)
+                emit_stream(self.layout, self.image, out, self.skip_blocks)
         except BaseException as exc:  # handed to the thread that waits for the restore
             self.error = exc
 
@@ -98,11 +106,32 @@ def resume_vm(
     host: HostOptions,
     stats: Stats,
     timeout: float,
+    ram_file: Path | None = None,
 ) -> QemuVM:
-    """Start QEMU on `disk`, restore the memory image into it and leave the guest running."""
+    """Start QEMU on `disk`, restore the memory image into it and leave the guest running.
+
+    With `ram_file` (a file laid out like the guest RAM block) QEMU maps guest RAM from it
+    and the stream carries only the other blocks and the device state: guest pages are read
+    lazily, when the guest touches them.
+    """
+    skip: frozenset[str] = frozenset()
+    if ram_file is not None:
+        try:
+            ram = layout.block(MAIN_RAM_BLOCK)
+        except KeyError:
+            raise HypervisorError(
+                f"the memory snapshot has no {MAIN_RAM_BLOCK} block: cannot map guest RAM "
+                "from a file (resume without early start)"
+            ) from None
+        if ram.length != config.memory_mib << 20:
+            raise HypervisorError(
+                f"RAM block {MAIN_RAM_BLOCK} is {ram.length} bytes, the VM has "
+                f"{config.memory_mib} MiB: cannot map guest RAM from a file"
+            )
+        skip = frozenset({MAIN_RAM_BLOCK})
     fifo = run_dir / "incoming.fifo"
     os.mkfifo(fifo, 0o600)
-    feeder = _StreamFeeder(layout, memory_image, fifo, timeout)
+    feeder = _StreamFeeder(layout, memory_image, fifo, timeout, skip)
     feeder.start()
     spec = LaunchSpec(
         config=config,
@@ -115,10 +144,12 @@ def resume_vm(
         extra_args=host.extra_args,
         vnc=host.vnc,
         incoming=fifo,
+        ram_file=ram_file,
     )
+    streamed = layout.size - sum(layout.block(name).length for name in skip)
     vm = None
     try:
-        with stats.stage("restore memory", layout.size):
+        with stats.stage("restore memory", streamed):
             vm = QemuVM.launch(spec)
             vm.wait_incoming(timeout)
             feeder.result(timeout)
@@ -147,6 +178,7 @@ def resume_base(
     host: HostOptions,
     stats: Stats,
     timeout: float,
+    ram_file: Path | None = None,
 ) -> QemuVM:
     """resume_vm with the hardware, kernel and initrd the base was saved with."""
     return resume_vm(
@@ -161,4 +193,5 @@ def resume_base(
         host=host,
         stats=stats,
         timeout=timeout,
+        ram_file=ram_file,
     )

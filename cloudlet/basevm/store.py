@@ -121,10 +121,9 @@ class BaseVM:
     def initrd_path(self) -> Path | None:
         return self.path / INITRD if INITRD in self.files else None
 
-    @property
-    def index_dir(self) -> Path:
-        """Where ChunkIndex.load(index_dir, "disk" | "memory") finds the chunk indexes."""
-        return self.path
+    def chunk_index(self, image: str) -> ChunkIndex:
+        """The chunk index of image "disk" or "memory" (digests mapped, not read whole)."""
+        return ChunkIndex.load(self.path, image)
 
     @property
     def layout_sha256(self) -> str:

@@ -49,6 +49,7 @@ _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 NIC_DEVICES = {"e1000": "e1000", "virtio": "virtio-net-pci", "rtl8139": "rtl8139"}
 # Fixed PCI slots so the guest sees the same topology whatever else changes on the host.
 VGA_SLOT, NIC_SLOT, DISK_SLOT, BALLOON_SLOT = 2, 3, 4, 5
+MAIN_RAM_BLOCK = "pc.ram"  # the guest RAM block of QEMU's x86 pc and q35 machines
 
 
 # --- accelerator -------------------------------------------------------------------------------
@@ -154,6 +155,10 @@ class LaunchSpec:
     incoming: Path | None = None  # migration stream to restore; VM stays paused until cont()
     accel: str | None = None  # None: detect_accel()
     restrict_net: bool = True  # guest cannot reach out through user networking; forwards work
+    # Map guest RAM privately from this file (memory-backend-file, share=off) instead of
+    # anonymous memory: pages are read when the guest first touches them, and guest writes
+    # never reach the file. Early start points it at cloudletfs.
+    ram_file: Path | None = None
 
 
 def _check_boot_files(spec: LaunchSpec) -> None:
@@ -187,6 +192,17 @@ def build_command(
         )
     accel = spec.accel or detect_accel()
     run_dir = Path(spec.run_dir)
+    machine = f"{cfg.machine},accel={accel}"
+    ram: list[str] = []
+    if spec.ram_file is not None:
+        # The backend's id becomes the RAM block's name: keep the one the snapshot was saved
+        # with, so the migration stream's block list matches.
+        ram = [
+            "-object",
+            f"memory-backend-file,id={MAIN_RAM_BLOCK},mem-path={_opt(Path(spec.ram_file))},"
+            f"size={cfg.memory_mib}M,share=off,prealloc=off",
+        ]
+        machine += f",memory-backend={MAIN_RAM_BLOCK}"
     args = [
         binary,
         "-nodefaults",
@@ -195,8 +211,9 @@ def build_command(
         "cloudlet",
         "-msg",
         "timestamp=on",
+        *ram,
         "-machine",
-        f"{cfg.machine},accel={accel}",
+        machine,
         "-cpu",
         cfg.cpu,
         "-smp",

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -667,11 +667,15 @@ class _Output:
             self._buf = bytearray()
 
 
-def emit_stream(layout: MemoryLayout, image: Path, out: BinaryIO) -> None:
+def emit_stream(
+    layout: MemoryLayout, image: Path, out: BinaryIO, skip_blocks: Collection[str] = ()
+) -> None:
     """Write a migration stream for `qemu -incoming` from a flat image and its layout.
 
     Every page is sent (ZERO records for zero pages) so the result does not depend on what
-    the receiving QEMU had in RAM before (ROMs are loaded at start-up).
+    the receiving QEMU had in RAM before (ROMs are loaded at start-up). Blocks named in
+    `skip_blocks` get no page records: QEMU maps them from a file that already holds them
+    (early start maps guest RAM from cloudletfs, so pages load when the guest touches them).
     """
     layout._check()
     size = os.path.getsize(image)
@@ -694,7 +698,8 @@ def emit_stream(layout: MemoryLayout, image: Path, out: BinaryIO) -> None:
     with open(image, "rb") as f:
         fd = f.fileno()
         for b in layout.blocks:
-            _emit_block(o, fd, b)
+            if b.name not in skip_blocks:
+                _emit_block(o, fd, b)
         if os.fstat(fd).st_size < layout.size:  # holes past a new end would read as zeros
             raise MemoryStreamError(f"memory image {image} was truncated while being emitted")
     o.write(eos + footer)

@@ -94,6 +94,11 @@ class OverlayReader:
         return self.frames[0].offset if self.frames else self.header.total_length
 
     @property
+    def consumed(self) -> int:
+        """Bytes read from the source so far (a stream stands after them)."""
+        return self._pos
+
+    @property
     def total_length(self) -> int:
         return self.header.total_length
 

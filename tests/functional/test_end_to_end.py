@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,110 +28,9 @@ from cloudlet.overlay.reader import OverlayReader
 from cloudlet.stats import Stats
 from cloudlet.synthesis import SynthesisSpec, synthesize
 from cloudlet.vm import HostOptions, resume_vm
+from tests.functional.conftest import cloudlet, http_get, leftovers
 
 pytestmark = pytest.mark.qemu
-
-REPO = Path(__file__).resolve().parents[2]
-CUSTOMISE = REPO / "tools" / "demo" / "customize.sh"
-
-
-def cloudlet(home: Path, *args: str, check: bool = True, timeout: float = 600):
-    env = dict(os.environ, CLOUDLET_HOME=str(home))
-    done = subprocess.run(
-        [sys.executable, "-m", "cloudlet.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(
-            f"cloudlet {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
-        )
-    return done
-
-
-def http_get(port: int, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
-                return r.read().decode()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def home_a(tmp_path_factory, test_guest: Path) -> Path:
-    """A cloudlet home holding a base VM made from the test guest."""
-    home = tmp_path_factory.mktemp("home-a")
-    g = json.loads((test_guest / "guest.json").read_text())
-    cloudlet(
-        home,
-        "base",
-        "create",
-        str(test_guest / g["disk"]),
-        "--name",
-        "testguest",
-        "--kernel",
-        str(test_guest / g["kernel"]),
-        "--initrd",
-        str(test_guest / g["initrd"]),
-        "--append",
-        g["append"],
-        "--memory",
-        str(g["memory_mib"]),
-        "--ready-marker",
-        g["ready_marker"],
-    )
-    return home
-
-
-@pytest.fixture(scope="module")
-def overlay(home_a: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("overlay") / "app.overlay"
-    done = cloudlet(
-        home_a,
-        "overlay",
-        "create",
-        "testguest",
-        "--script",
-        str(CUSTOMISE),
-        "-o",
-        str(out),
-        "--json",
-    )
-    stats = json.loads(done.stdout)
-    assert stats["counters"]["overlay size"] == out.stat().st_size
-    return out
-
-
-@pytest.fixture(scope="module")
-def package(home_a: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pkg") / "testguest.cbase"
-    cloudlet(home_a, "base", "export", "testguest", str(out))
-    return out
-
-
-@pytest.fixture
-def home_b(tmp_path: Path, package: Path) -> Path:
-    """A fresh, separate cloudlet home that imported the base package."""
-    home = tmp_path / "home-b"
-    cloudlet(home, "base", "import", str(package))
-    return home
-
-
-def leftovers(home: Path) -> list[str]:
-    """Files a failed synthesis might have left behind in the home's scratch areas."""
-    found = []
-    for sub in ("runs", "tmp"):
-        d = home / sub
-        if d.exists():
-            found += [str(p.relative_to(home)) for p in d.rglob("*") if p.is_file()]
-    return found
-
 
 def test_base_is_registered_with_its_config(home_a: Path):
     bases = json.loads(cloudlet(home_a, "base", "list", "--json").stdout)
@@ -172,7 +70,7 @@ def test_synthesis_in_fresh_home_resumes_customised_guest(home_b: Path, overlay:
     # the web server started during customisation serves a file that only ever lived in RAM:
     # it answers only if the guest's memory was resumed, not rebooted
     assert "ram-only state, written before capture" in done.stdout
-    assert "apply overlay" in done.stdout and "restore memory" in done.stdout
+    assert "restore memory" in done.stdout
     assert leftovers(home_b) == []
 
 
@@ -181,7 +79,7 @@ def test_synthesized_guest_continues_the_same_boot(home_b: Path, overlay: Path):
 
     port = free_port()
     spec = SynthesisSpec(
-        overlay=overlay, host=HostOptions([Forward("tcp", port, 8080)]), timeout=120
+        source=overlay, host=HostOptions([Forward("tcp", port, 8080)]), timeout=120
     )
     with synthesize(CloudletHome(home_b), spec, Stats()) as synth:
         recorded = http_get(port).rsplit(":", 1)[1].strip()
@@ -361,6 +259,6 @@ def test_overlay_from_a_libvirt_save_file(home_a: Path, tmp_path: Path):
     with OverlayReader.open(overlay) as reader:
         assert len(reader.chunk_map) == 0 and reader.slot_count == 0
     port = free_port()
-    spec = SynthesisSpec(overlay=overlay, host=HostOptions([Forward("tcp", port, 80)]))
+    spec = SynthesisSpec(source=overlay, host=HostOptions([Forward("tcp", port, 80)]))
     with synthesize(home, spec, Stats()):
         assert http_get(port) == "cloudlet base disk\n"

@@ -1,0 +1,121 @@
+"""Fixtures of the functional tests, shared by every module: one base VM made from the test guest
+and one overlay of it per test session (each takes a real boot or resume under TCG), plus the
+helpers that drive the `cloudlet` command as a user does, in subprocesses.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CUSTOMISE = REPO / "tools" / "demo" / "customize.sh"
+
+
+def cloudlet(home: Path, *args: str, check: bool = True, timeout: float = 600):
+    env = dict(os.environ, CLOUDLET_HOME=str(home))
+    done = subprocess.run(
+        [sys.executable, "-m", "cloudlet.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"cloudlet {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
+    return done
+
+
+def http_get(port: int, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def home_a(tmp_path_factory, test_guest: Path) -> Path:
+    """A cloudlet home holding a base VM made from the test guest."""
+    home = tmp_path_factory.mktemp("home-a")
+    g = json.loads((test_guest / "guest.json").read_text())
+    cloudlet(
+        home,
+        "base",
+        "create",
+        str(test_guest / g["disk"]),
+        "--name",
+        "testguest",
+        "--kernel",
+        str(test_guest / g["kernel"]),
+        "--initrd",
+        str(test_guest / g["initrd"]),
+        "--append",
+        g["append"],
+        "--memory",
+        str(g["memory_mib"]),
+        "--ready-marker",
+        g["ready_marker"],
+    )
+    return home
+
+
+@pytest.fixture(scope="session")
+def overlay(home_a: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("overlay") / "app.overlay"
+    done = cloudlet(
+        home_a,
+        "overlay",
+        "create",
+        "testguest",
+        "--script",
+        str(CUSTOMISE),
+        "-o",
+        str(out),
+        "--json",
+    )
+    stats = json.loads(done.stdout)
+    assert stats["counters"]["overlay size"] == out.stat().st_size
+    return out
+
+
+@pytest.fixture(scope="session")
+def package(home_a: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pkg") / "testguest.cbase"
+    cloudlet(home_a, "base", "export", "testguest", str(out))
+    return out
+
+
+@pytest.fixture
+def home_b(tmp_path: Path, package: Path) -> Path:
+    """A fresh, separate cloudlet home that imported the base package."""
+    home = tmp_path / "home-b"
+    cloudlet(home, "base", "import", str(package))
+    return home
+
+
+def leftovers(home: Path) -> list[str]:
+    """Files a failed synthesis might have left behind in the home's scratch areas (a stale
+    FUSE mount of a killed process counts: it cannot even be listed)."""
+    found: list[str] = []
+
+    def unreadable(error: OSError) -> None:
+        found.append(f"{Path(error.filename).relative_to(home)} ({error.strerror})")
+
+    for sub in ("runs", "tmp"):
+        for root, _, files in os.walk(home / sub, onerror=unreadable):
+            found += [str((Path(root) / f).relative_to(home)) for f in files]
+    return found
+
+

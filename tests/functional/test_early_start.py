@@ -1,0 +1,190 @@
+"""Early start and network synthesis on real QEMU guests (TCG), real FUSE mounts and a real HTTP
+server on 127.0.0.1 (tests/rangeserver.py, which can also slow, cut or corrupt what it serves).
+"""
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudlet.errors import CloudletError, CorruptOverlay
+from cloudlet.home import CloudletHome
+from cloudlet.hypervisor.qemu import Forward, free_port
+from cloudlet.overlay.reader import OverlayReader
+from cloudlet.sources import AllowList
+from cloudlet.stats import Stats
+from cloudlet.synthesis import SynthesisSpec, prepare_synthesis, synthesize
+from cloudlet.vm import HostOptions
+from tests.functional.conftest import cloudlet, http_get, leftovers
+from tests.rangeserver import RangeServer
+
+pytestmark = pytest.mark.qemu
+
+FAILS_WITHIN = 120  # generous: a bound on failing, not a speed claim
+
+
+@pytest.fixture
+def ranges(overlay: Path):
+    with RangeServer(overlay.parent) as srv:
+        yield srv
+
+
+def spec_for(srv: RangeServer, overlay: Path, *ports: tuple[int, int], **kw) -> SynthesisSpec:
+    return SynthesisSpec(
+        source=srv.url(overlay.name),
+        host=HostOptions([Forward("tcp", host, guest) for host, guest in ports]),
+        allow=AllowList.parse([srv.url("")]),
+        timeout=120,
+        **kw,
+    )
+
+
+def mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+
+
+def qemus_under(path: Path) -> str:
+    done = subprocess.run(["pgrep", "-f", f"qemu-system.*{path}"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def assert_clean(home: Path) -> None:
+    assert qemus_under(home) == ""
+    assert mounts_under(home) == []
+    assert leftovers(home) == []
+
+
+def test_early_start_over_http_answers_before_the_overlay_is_in(
+    home_b: Path, overlay: Path, ranges: RangeServer, tmp_path: Path
+):
+    # A slow link: the whole overlay takes several seconds, the guest needs only part of it.
+    size = overlay.stat().st_size
+    ranges.faults.rate = size / 8
+    disk_port, ram_port = free_port(), free_port()
+    trace = tmp_path / "trace.jsonl"
+    spec = spec_for(ranges, overlay, (disk_port, 80), (ram_port, 8080), trace_out=trace)
+    with synthesize(CloudletHome(home_b), spec, Stats()) as synth:
+        assert synth.status()["state"] in ("running", "complete")
+        assert "hello from the cloudlet overlay" in http_get(disk_port)
+        assert "ram-only state" in http_get(ram_port)
+        synth.wait_complete(FAILS_WITHIN)
+        status = synth.status()
+        assert status["state"] == "complete"
+        assert status["progress"]["frames_applied"] == status["progress"]["frames_total"]
+        assert status["cloudletfs"]["demand_misses"] > 0
+        # the guest still runs on its images once everything is in
+        assert "hello from the cloudlet overlay" in http_get(disk_port)
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    waited = [r for r in rows if r["state"] == "pending"]
+    assert waited, "no chunk was served on demand"
+    assert {r["image"] for r in rows} <= {"disk.raw", "memory.img"}
+    assert_clean(home_b)
+
+
+def test_server_lost_mid_transfer_fails_in_bounded_time_and_cleans_up(
+    home_b: Path, overlay: Path, ranges: RangeServer
+):
+    ranges.faults.rate = overlay.stat().st_size / 20  # still arriving when the server goes
+    synth = prepare_synthesis(
+        CloudletHome(home_b),
+        spec_for(ranges, overlay, (free_port(), 80), fetch_deadline=10),
+        Stats(),
+    )
+    lose = threading.Timer(2.0, ranges.stop)  # while the guest resumes or soon after
+    lose.start()
+    try:
+        # The loss shows either while the guest resumes (a read it waits for never comes) or
+        # later, in the stream behind the running guest; both fail the synthesis, bounded.
+        with pytest.raises(CloudletError) as failure:
+            synth.start()
+            synth.wait_complete(FAILS_WITHIN)
+        assert "not complete after" not in str(failure.value)
+        assert synth.status()["state"] == "failed"
+    finally:
+        lose.cancel()
+        synth.close()
+    assert_clean(home_b)
+
+
+def test_corrupt_frame_mid_stream_is_caught_by_its_digest(
+    home_b: Path, overlay: Path, ranges: RangeServer
+):
+    with OverlayReader.open(overlay) as reader:
+        middle = reader.frames[len(reader.frames) // 2]
+    ranges.faults.corrupt_at = middle.offset + middle.length // 2
+    synth = prepare_synthesis(
+        CloudletHome(home_b), spec_for(ranges, overlay, (free_port(), 80)), Stats()
+    )
+    try:
+        with pytest.raises(CorruptOverlay, match=f"frame {middle.index}"):
+            synth.start()
+            synth.wait_complete(FAILS_WITHIN)
+        assert synth.status()["state"] == "failed"
+    finally:
+        synth.close()
+    assert_clean(home_b)
+
+
+def test_without_early_start_from_a_url(home_b: Path, overlay: Path, ranges: RangeServer):
+    port = free_port()
+    started = time.monotonic()
+    done = cloudlet(
+        home_b,
+        "synthesize",
+        ranges.url(overlay.name),
+        "--no-early-start",
+        "--check-and-exit",
+        "--json",
+        "-f",
+        f"tcp:{port}:80",
+        "--check-url",
+        f"http://127.0.0.1:{port}/",
+        timeout=300,
+    )
+    stats = json.loads(done.stdout[done.stdout.index("{") :])
+    assert "apply overlay" in stats["stages"] and "mount cloudletfs" not in stats["stages"]
+    assert stats["counters"]["frames fetched on demand"] == 0
+    assert time.monotonic() - started < 300
+    assert_clean(home_b)
+
+
+def test_early_start_cli_records_a_trace_that_reorders_the_overlay(
+    home_b: Path, overlay: Path, tmp_path: Path
+):
+    port = free_port()
+    trace = tmp_path / "trace.jsonl"
+    cloudlet(
+        home_b,
+        "synthesize",
+        str(overlay),
+        "--check-and-exit",
+        "--trace-out",
+        str(trace),
+        "-f",
+        f"tcp:{port}:80",
+        "--check-url",
+        f"http://127.0.0.1:{port}/",
+    )
+    ordered = tmp_path / "ordered.overlay"
+    cloudlet(home_b, "overlay", "reorder", str(overlay), "--trace", str(trace), "-o", str(ordered))
+    with OverlayReader.open(overlay) as a, OverlayReader.open(ordered) as b:
+        assert a.images == b.images
+        assert b.meta["access_order"]["accessed_slots"] > 0
+    port = free_port()
+    done = cloudlet(
+        home_b,
+        "synthesize",
+        str(ordered),
+        "--check-and-exit",
+        "--wait-complete",
+        "-f",
+        f"tcp:{port}:80",
+        "--check-url",
+        f"http://127.0.0.1:{port}/",
+    )
+    assert "hello from the cloudlet overlay" in done.stdout
+    assert_clean(home_b)
