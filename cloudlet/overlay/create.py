@@ -4,13 +4,14 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from cloudlet.basevm.store import BaseVM
 from cloudlet.chunks import Kind, Target, chunk_count
+from cloudlet.codecs import NullCodec
 from cloudlet.dedup import Deduplicator
 from cloudlet.diff import ChangedBatch, changed_chunks, data_ranges_of
 from cloudlet.disk import changed_disk_chunks, create_cow, virtual_size
@@ -21,6 +22,8 @@ from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import QemuVM
 from cloudlet.index import ChunkIndex
 from cloudlet.memory.stream import MemoryLayout, open_snapshot, parse_stream
+from cloudlet.overlay.order import AccessTrace, reorder_overlay
+from cloudlet.overlay.reader import OverlayReader
 from cloudlet.overlay.writer import OverlayInfo, OverlayWriter
 from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions, resume_base
@@ -43,6 +46,7 @@ class OverlaySpec:
     codec: str = "zstd"
     level: int | None = None
     host: HostOptions = field(default_factory=HostOptions)
+    access_order: AccessTrace | None = None  # order frames by this earlier synthesis's accesses
 
 
 def create_overlay(
@@ -115,9 +119,22 @@ def build_overlay(
             custom_layout = parse_stream(src, memory)
         if not custom_layout.ram_compatible(layout):
             raise ConfigMismatch("the customised VM's RAM blocks differ from the base's")
-        return _write_overlay(base, config, memory, custom_layout, disk, spec, stats)
+        if spec.access_order is None:
+            return _write_overlay(base, config, memory, custom_layout, disk, spec, stats)
+        # Capture order first, uncompressed (cheap), then reorder: compressed once, in order.
+        staged = replace(
+            spec, output=work_dir / "capture.overlay", codec=NullCodec.name, level=None
+        )
+        _write_overlay(base, config, memory, custom_layout, disk, staged, stats)
+        with stats.stage("access order"), OverlayReader.open(staged.output) as reader:
+            info = reorder_overlay(
+                reader, spec.access_order, spec.output, codec=spec.codec, level=spec.level
+            )
+        stats.counters["overlay size"] = info.size
+        return info
     finally:
         memory.unlink(missing_ok=True)
+        (work_dir / "capture.overlay").unlink(missing_ok=True)
 
 
 class _ResultDigests:
@@ -152,8 +169,8 @@ def _write_overlay(
     spec: OverlaySpec,
     stats: Stats,
 ) -> OverlayInfo:
-    mem_index = ChunkIndex.load(base.path, "memory")
-    disk_index = ChunkIndex.load(base.path, "disk")
+    mem_index = base.chunk_index("memory")
+    disk_index = base.chunk_index("disk")
     dedup = Deduplicator(mem_index, disk_index, base.memory_path, base.disk_path)
     disk_size = virtual_size(disk)
     slots: dict[tuple[int, int], int] = {}

@@ -48,6 +48,7 @@ class OverlayInfo:
     wait_seconds: float  # time the caller was blocked waiting for compression
     close_seconds: float  # assembling, syncing and renaming the file
     extra: dict[str, Any] = field(default_factory=dict)
+    access_order: dict[str, Any] | None = None  # meta["access_order"] when a prefix was marked
 
     @property
     def ratio(self) -> float:
@@ -89,6 +90,7 @@ class OverlayWriter:
         self._short: list[tuple[Target, int, int]] = []  # (target, chunk, length) of partial NEW
         self._blobs: dict[str, tuple[bytes, int, bytes]] = {}  # name -> (compressed, raw, sha)
         self._meta: dict[str, Any] = {}
+        self._prefix: tuple[int, int, str] | None = None  # (slots, frames, trace sha256)
         self._slots = 0
         self._buffer = bytearray()
         self._frames: list[list[Any]] = []  # manifest frame table rows
@@ -184,6 +186,16 @@ class OverlayWriter:
     def set_meta(self, meta: dict[str, Any]) -> None:
         """Free-form creation metadata (msgpack-serialisable), merged into earlier calls."""
         self._meta.update(meta)
+
+    def end_access_prefix(self, trace_sha256: str) -> None:
+        """Mark the slots added so far as the ones a trace saw accessed first.
+
+        The current frame is cut here, so the prefix is whole frames a client can fetch alone;
+        close() records meta["access_order"] with the prefix's slots, frames and frame bytes.
+        """
+        self._check_open()
+        self._flush_frame()
+        self._prefix = (self._slots, len(self._frames), trace_sha256)
 
     # -- finishing -------------------------------------------------------------------------
 
@@ -339,7 +351,16 @@ class OverlayWriter:
             "payload_bytes": self._bytes_in,
             "frame_bytes": self._spooled,
             "compress_seconds": round(self._compress_seconds, 3),
+            "codec": {"name": self.codec.name, "level": self.codec.level},
         }
+        if self._prefix is not None:
+            slots, frames, trace_sha256 = self._prefix
+            self._meta["access_order"] = {
+                "accessed_slots": slots,
+                "prefix_frames": frames,
+                "prefix_bytes": sum(row[1] for row in self._frames[:frames]),
+                "trace_sha256": trace_sha256,
+            }
         manifest = fmt.encode_manifest(
             {
                 "chunk_size": CHUNK_SIZE,
@@ -398,6 +419,7 @@ class OverlayWriter:
             compress_seconds=self._compress_seconds,
             wait_seconds=self._wait_seconds,
             close_seconds=time.perf_counter() - t_close,
+            access_order=self._meta.get("access_order") if self._prefix else None,
         )
         LOG.info(
             "overlay %s: %d bytes, %d frames, %d slots, ratio %.2f",
