@@ -22,6 +22,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -178,6 +179,8 @@ class Synthesis:
         self._complete = threading.Event()  # every frame applied and verified, or failed
         self._torn_down = False
         self._teardown_thread: threading.Thread | None = None
+        self._in_start = False  # start() runs: it tears down itself if anything fails
+        self._start_done = threading.Event()
         self._started_at = time.monotonic()
         self._running_at: float | None = None
         self._watcher: threading.Thread | None = None
@@ -193,22 +196,28 @@ class Synthesis:
             if self._state != "prepared":
                 raise CloudletError(f"synthesis {self.id} is {self._state}, not prepared")
             self._state = "starting"
+            self._in_start = True
             self.run_dir = self.home.new_run_dir("synthesis")
+        error: BaseException | None = None
         try:
             if self.spec.early_start:
                 self._start_early()
             else:
                 self._start_complete()
         except BaseException as e:
-            self.fail(e)
-            self._start_teardown().join(_TEARDOWN_TIMEOUT)
-            raise (self._error or e) from None
+            error = e
         with self._lock:
-            if self._error is not None:
-                raise self._error
-            self._running_at = time.monotonic()
-            if self._state == "starting":
-                self._state = "complete" if self._complete.is_set() else "running"
+            self._in_start = False
+            self._start_done.set()
+            error = self._error or error  # a failure elsewhere is the cause of ours
+            if error is None:
+                self._running_at = time.monotonic()
+                if self._state == "starting":
+                    self._state = "complete" if self._complete.is_set() else "running"
+        if error is not None:
+            self.fail(error)
+            self._start_teardown().join(_TEARDOWN_TIMEOUT)
+            raise error
         LOG.info("synthesis %s: guest running from base %s", self.id, self.base.id[:16])
 
     def _start_complete(self) -> None:
@@ -223,7 +232,7 @@ class Synthesis:
             self.pipeline.start()
             self.pipeline.wait(self.spec.timeout)
         self._pipeline_done()
-        self.vm = resume_base(
+        resume_base(
             self.base,
             disk=disk,
             disk_format="raw",
@@ -233,6 +242,7 @@ class Synthesis:
             host=self.spec.host,
             stats=self.stats,
             timeout=self.spec.timeout,
+            on_launch=self._launched,
         )
         memory.unlink()  # restored into QEMU; the disk stays, the guest runs on it
 
@@ -270,7 +280,7 @@ class Synthesis:
             target=self._watch, name=f"synthesis-{self.id}", daemon=True
         )
         self._watcher.start()
-        self.vm = resume_base(
+        resume_base(
             self.base,
             disk=self.fs.path(IMAGE_NAMES[Target.DISK]),
             disk_format="raw",
@@ -281,7 +291,16 @@ class Synthesis:
             stats=self.stats,
             timeout=self.spec.timeout,
             ram_file=self.fs.path(RAM_VIEW),
+            on_launch=self._launched,
         )
+
+    def _launched(self, vm: QemuVM) -> None:
+        """QEMU runs (not yet restored): from now on a failure on any thread can kill it."""
+        with self._lock:
+            self.vm = vm
+            stopped = self._error is not None or self._state == "closed"
+        if stopped:
+            vm.kill()  # failed or closed while QEMU was starting: the restore fails at once
 
     def _pipeline(self, images: BaseImages, sink: Any) -> Pipeline:
         return Pipeline(
@@ -335,19 +354,37 @@ class Synthesis:
     def fail(self, error: BaseException) -> None:
         """Fail the synthesis: the VM is killed, readers get EIO, mount and files go.
 
-        Safe from any thread (a pipeline stage, a cloudletfs deadline, the owner): the tear-down
-        runs on a thread of its own, since it joins the pipeline and unmounts the filesystem.
+        Safe from any thread (a pipeline stage, a cloudletfs deadline, the owner). While start()
+        runs, only what it waits on is stopped (QEMU, cloudletfs reads) and start() tears down
+        as it returns; otherwise the tear-down runs on a thread of its own, since it joins the
+        pipeline and unmounts the filesystem.
         """
         with self._lock:
             if self._error is None and self._state != "closed":
                 self._error = error
                 self._state = "failed"
                 LOG.error("synthesis %s failed: %s", self.id, error)
+            in_start = self._in_start
+            vm, fs = self.vm, self.fs
         self._complete.set()
-        self._start_teardown()
+        if not in_start:
+            self._start_teardown()
+            return
+        if vm is not None:
+            vm.kill()
+        if fs is not None:
+            fs.fail(error)
 
     def close(self) -> None:
-        """Stop the VM and remove everything the synthesis made; idempotent, bounded."""
+        """Stop the VM and remove everything the synthesis made; idempotent, bounded.
+
+        Called while start() still runs (another thread), it stops the start first.
+        """
+        with self._lock:
+            in_start = self._in_start
+        if in_start:
+            self.fail(CloudletError(f"synthesis {self.id} was stopped while it started"))
+            self._start_done.wait(_TEARDOWN_TIMEOUT)
         with self._lock:
             if self._state != "failed":
                 self._state = "closed"
@@ -372,28 +409,26 @@ class Synthesis:
         self._torn_down = True
         failed = self._error is not None
         vm, fs, pipeline = self.vm, self.fs, self.pipeline
-        if vm is not None:
-            if failed:
+        try:
+            if vm is not None:
+                if not failed:
+                    with contextlib.suppress(Exception):
+                        vm.quit(timeout=10)
                 vm.kill()
-            else:
-                with contextlib.suppress(Exception):
-                    vm.quit(timeout=10)
-                vm.kill()
-        if pipeline is not None:
-            pipeline.close()
-        if fs is not None:
-            if failed:
-                fs.fail(self._error)
-            if self.spec.trace_out is not None:
-                self._write_trace(fs.trace())
-            with contextlib.suppress(Exception):
+            if pipeline is not None:
+                _logged(pipeline.close)
+            if fs is not None:
+                if failed:
+                    fs.fail(self._error)
+                if self.spec.trace_out is not None:
+                    _logged(self._write_trace, fs.trace())
                 self.stats.counters["cloudletfs"] = json.dumps(_fs_summary(fs.stats()))
-            fs.unmount()
-        for closing in (self.reader, self._stream, self.source):
-            with contextlib.suppress(Exception):
-                closing.close()
-        if self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+                _logged(fs.unmount)
+            for closing in (self.reader, self._stream, self.source):
+                _logged(closing.close)
+        finally:
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _write_trace(self, rows: list[dict]) -> None:
         assert self.spec.trace_out is not None
@@ -464,6 +499,14 @@ def _skip_to_frames(stream: BinaryIO, reader: OverlayReader) -> None:
         if not block:
             break  # truncated: the pipeline reports it when it reads the first frame
         gap -= len(block)
+
+
+def _logged(step: Callable[..., object], *args: object) -> None:
+    """One step of a tear-down: a failure is logged and the tear-down goes on."""
+    try:
+        step(*args)
+    except Exception:
+        LOG.exception("synthesis clean-up: %s failed", getattr(step, "__qualname__", step))
 
 
 def _fs_summary(stats: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,8 +108,12 @@ def resume_vm(
     stats: Stats,
     timeout: float,
     ram_file: Path | None = None,
+    on_launch: Callable[[QemuVM], None] | None = None,
 ) -> QemuVM:
     """Start QEMU on `disk`, restore the memory image into it and leave the guest running.
+
+    `on_launch` gets the QemuVM as soon as QEMU runs, before the restore: another thread that
+    must be able to stop it meanwhile (a failing synthesis) can then kill it.
 
     With `ram_file` (a file laid out like the guest RAM block) QEMU maps guest RAM from it
     and the stream carries only the other blocks and the device state: guest pages are read
@@ -151,6 +156,8 @@ def resume_vm(
     try:
         with stats.stage("restore memory", streamed):
             vm = QemuVM.launch(spec)
+            if on_launch is not None:
+                on_launch(vm)
             vm.wait_incoming(timeout)
             feeder.result(timeout)
         with stats.stage("resume"):
@@ -179,6 +186,7 @@ def resume_base(
     stats: Stats,
     timeout: float,
     ram_file: Path | None = None,
+    on_launch: Callable[[QemuVM], None] | None = None,
 ) -> QemuVM:
     """resume_vm with the hardware, kernel and initrd the base was saved with."""
     return resume_vm(
@@ -194,4 +202,5 @@ def resume_base(
         stats=stats,
         timeout=timeout,
         ram_file=ram_file,
+        on_launch=on_launch,
     )
