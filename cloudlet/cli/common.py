@@ -3,7 +3,11 @@
 import argparse
 import json
 import sys
+import time
+import urllib.request
+from collections.abc import Callable
 
+from cloudlet.errors import GuestTimeout
 from cloudlet.hypervisor.qemu import Forward
 from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions
@@ -47,3 +51,25 @@ def wait_for_enter(prompt: str) -> None:
     if not sys.stdin.isatty():
         raise SystemExit("cloudlet: --wait needs an interactive terminal")
     input(prompt)
+
+
+def wait_for_url(
+    url: str, timeout: float, failed: Callable[[], BaseException | None] | None = None
+) -> str:
+    """The body of `url` once it answers; GuestTimeout after `timeout` seconds.
+
+    `failed` is asked between tries: an error it returns (the synthesis failed) is raised at
+    once instead of waiting out the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if failed is not None and (error := failed()) is not None:
+            raise error
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.read().decode(errors="replace")
+        except OSError as exc:
+            last = exc
+            time.sleep(0.1)
+    raise GuestTimeout(f"{url} did not answer within {timeout:.0f} s (last error: {last})")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cloudlet import __version__
-from cloudlet.cli import base, overlay, synthesize
+from cloudlet.cli import base, overlay, serve, synthesize
 from cloudlet.errors import CloudletError
 from cloudlet.home import CloudletHome
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.register(verbs)
     overlay.register(verbs)
     synthesize.register(verbs)
+    serve.register(verbs)
     return parser
 
 

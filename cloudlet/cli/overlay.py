@@ -1,4 +1,4 @@
-"""`cloudlet overlay ...`: capture an overlay from a customised base, or summarise one."""
+"""`cloudlet overlay ...`: capture an overlay from a customised base, reorder or summarise one."""
 
 import argparse
 import json
@@ -10,6 +10,7 @@ from cloudlet.cli.common import add_vm_host_options, host_options, print_stats, 
 from cloudlet.codecs import available_codecs
 from cloudlet.home import CloudletHome
 from cloudlet.overlay.create import Customisation, OverlaySpec, create_overlay
+from cloudlet.overlay.order import load_trace, reorder_overlay
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.stats import StageLine, Stats, human_bytes
 
@@ -34,9 +35,26 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--codec", default="zstd", choices=available_codecs())
     c.add_argument("--level", type=int, help="codec level (default: the codec's own)")
+    c.add_argument(
+        "--access-order",
+        type=Path,
+        metavar="TRACE",
+        help="order frames by first access in this trace (`cloudlet synthesize --trace-out` of "
+        "an earlier overlay of the same app), so a first response needs only a prefix",
+    )
     c.add_argument("--json", action="store_true", help="print statistics as JSON")
     add_vm_host_options(c)
     c.set_defaults(run=_create)
+    r = sub.add_parser(
+        "reorder",
+        help="rewrite an overlay with its frames in the access order of a synthesis trace",
+    )
+    r.add_argument("input", type=Path, help="overlay to reorder")
+    r.add_argument(
+        "--trace", type=Path, required=True, help="JSONL from `cloudlet synthesize --trace-out`"
+    )
+    r.add_argument("-o", "--output", type=Path, required=True, help="overlay file to write")
+    r.set_defaults(run=_reorder)
     s = sub.add_parser("show", help="summarise an overlay's manifest")
     s.add_argument("file", type=Path)
     s.add_argument("--json", action="store_true")
@@ -57,6 +75,7 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
         codec=args.codec,
         level=args.level,
         host=host_options(args),
+        access_order=load_trace(args.access_order) if args.access_order else None,
     )
     stats = Stats(listener=StageLine())
     create_overlay(home, base, spec, custom, stats)
@@ -65,6 +84,22 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
             f"overlay {args.output} for base {base.id} ({human_bytes(args.output.stat().st_size)})"
         )
     print_stats("statistics:", stats, as_json=args.json)
+    return 0
+
+
+def _reorder(home: CloudletHome, args: argparse.Namespace) -> int:
+    trace = load_trace(args.trace)
+    stats = Stats(listener=StageLine())
+    with OverlayReader.open(args.input) as reader, stats.stage("reorder", reader.total_length):
+        info = reorder_overlay(reader, trace, args.output)
+    order = info.access_order
+    assert order is not None  # reorder_overlay always marks the accessed prefix
+    print(
+        f"overlay {args.output} ({human_bytes(info.size)}): {order['accessed_slots']} of "
+        f"{info.slots} slots accessed, in the first {order['prefix_frames']} of {info.frames} "
+        f"frames ({human_bytes(order['prefix_bytes'])})"
+    )
+    print_stats("statistics:", stats)
     return 0
 
 
@@ -83,4 +118,15 @@ def _show(home: CloudletHome, args: argparse.Namespace) -> int:
     counts = summary["chunks"]
     print("chunks       " + ", ".join(f"{k.name.lower()} {counts.get(k.name, 0)}" for k in Kind))
     print(f"frames       {len(reader.frames)} ({summary['codec']})")
+    order = reader.meta.get("access_order")
+    if isinstance(order, dict):  # written by `overlay reorder` / `overlay create --access-order`
+        frames = min(int(order.get("prefix_frames", 0)), len(reader.frames))
+        last = reader.frames[frames - 1] if frames else None
+        end = last.offset + last.length if last else reader.frames_offset
+        print(
+            f"access order {order.get('accessed_slots')} accessed slots in the first {frames} "
+            f"frames ({human_bytes(order.get('prefix_bytes', 0))}): a first response needs the "
+            f"first {human_bytes(end)} of the file"
+        )
+        print(f"trace        sha256 {str(order.get('trace_sha256'))[:16]}...")
     return 0

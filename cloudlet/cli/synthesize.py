@@ -1,21 +1,49 @@
-"""`cloudlet synthesize`: rebuild a VM from base + overlay here and resume it running."""
+"""`cloudlet synthesize`: rebuild a VM from base + overlay and resume it running.
+
+Here by default (early start: the guest resumes while the overlay still streams in), or on a
+`cloudlet serve` host with --server.
+"""
 
 import argparse
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
-from cloudlet.cli.common import add_vm_host_options, host_options, print_stats
-from cloudlet.errors import GuestTimeout
+from cloudlet.cli.common import add_vm_host_options, host_options, print_stats, wait_for_url
+from cloudlet.cli.remote import add_remote_options, run_remote
 from cloudlet.home import CloudletHome
+from cloudlet.sources import AllowList
 from cloudlet.stats import StageLine, Stats
 from cloudlet.synthesis import SynthesisSpec, synthesize
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("synthesize", help="synthesize a VM from an overlay and resume it")
-    p.add_argument("overlay", type=Path)
+    p.add_argument(
+        "overlay", help="overlay file, or an http(s):// URL (fetched by byte range as needed)"
+    )
+    p.add_argument(
+        "--no-early-start",
+        dest="early_start",
+        action="store_false",
+        help="apply the whole overlay before resuming the guest (no FUSE); by default the "
+        "guest resumes at once and missing chunks are fetched when it touches them",
+    )
+    p.add_argument(
+        "--fetch-deadline",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="early start: a guest read of a missing chunk fails (and the synthesis with it) "
+        "if the chunk has not arrived after this long (default 60)",
+    )
+    p.add_argument(
+        "--trace-out",
+        type=Path,
+        metavar="FILE",
+        help="early start: write the guest's chunk access trace (JSON lines) here when the VM "
+        "stops, for `cloudlet overlay reorder --trace`",
+    )
     p.add_argument(
         "--check-and-exit",
         action="store_true",
@@ -30,49 +58,55 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="wait until this URL (a forwarded guest service) answers and print the "
         "body (repeatable)",
     )
+    p.add_argument(
+        "--wait-complete",
+        action="store_true",
+        help="early start: also wait until the whole overlay has arrived and been verified "
+        "before the checks end",
+    )
     p.add_argument("--json", action="store_true", help="print statistics as JSON")
     add_vm_host_options(p)
+    add_remote_options(p)
     p.set_defaults(run=_run)
 
 
 def _run(home: CloudletHome, args: argparse.Namespace) -> int:
+    if args.server:
+        return run_remote(home, args)
     stats = Stats(listener=StageLine())
     spec = SynthesisSpec(
-        overlay=args.overlay,
+        source=args.overlay,
         host=host_options(args),
         timeout=args.timeout,
+        early_start=args.early_start,
+        fetch_deadline=args.fetch_deadline,
+        allow=AllowList.any(),  # the user's own command line names the URL
+        trace_out=args.trace_out,
     )
     start = time.monotonic()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with synthesize(home, spec, stats) as synth:
         for i, url in enumerate(args.check_url):
             with stats.stage("first response" if i == 0 else f"response {url}"):
-                body = _wait_for_url(url, args.timeout)
+                body = wait_for_url(url, args.timeout, failed=lambda: synth.error)
             if i == 0:
                 stats.counters["first response after"] = f"{time.monotonic() - start:.2f} s"
             if not args.json:
                 print(f"{url} answered: {body.strip()[:200]}")
+        if args.wait_complete or not args.early_start:
+            with stats.stage("rest of the overlay"):
+                synth.wait_complete(args.timeout)
         if not args.json:
-            print(f"VM synthesized from base {synth.base.id[:16]} and running")
+            mode = "early start" if args.early_start else "complete overlay"
+            print(f"VM synthesized from base {synth.base.id[:16]} ({mode}) and running")
         print_stats("statistics:", stats, as_json=args.json)
         if not args.check_and_exit:
             print("VM running; press Ctrl-C to stop it", flush=True)
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
             try:
-                while True:
-                    time.sleep(3600)
+                while synth.error is None:
+                    time.sleep(1)
             except KeyboardInterrupt:
                 print("stopping the VM", flush=True)
+            if synth.error is not None:
+                raise synth.error
     return 0
-
-
-def _wait_for_url(url: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                return resp.read().decode(errors="replace")
-        except OSError as exc:
-            last = exc
-            time.sleep(0.1)
-    raise GuestTimeout(f"{url} did not answer within {timeout:.0f} s (last error: {last})")
