@@ -131,7 +131,7 @@ def phase_synth(home: str, overlay: str, expect: str) -> None:
     port = free_port()
     stats = Stats()
     start = time.monotonic()
-    spec = SynthesisSpec(overlay=Path(overlay), host=HostOptions([Forward("tcp", port, 80)]))
+    spec = SynthesisSpec(source=Path(overlay), host=HostOptions([Forward("tcp", port, 80)]))
     with synthesize(CloudletHome(Path(home)), spec, stats):
         resumed = time.monotonic() - start
         wait_http(port, expect)
