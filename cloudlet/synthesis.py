@@ -370,6 +370,7 @@ class Synthesis:
         if not in_start:
             self._start_teardown()
             return
+        _logged(self.source.close)  # a fetch blocked on the network fails at once
         if vm is not None:
             vm.kill()
         if fs is not None:
@@ -415,6 +416,7 @@ class Synthesis:
                     with contextlib.suppress(Exception):
                         vm.quit(timeout=10)
                 vm.kill()
+            _logged(self.source.close)  # wakes a fetch blocked on the network at once
             if pipeline is not None:
                 _logged(pipeline.close)
             if fs is not None:
@@ -424,7 +426,7 @@ class Synthesis:
                     _logged(self._write_trace, fs.trace())
                 self.stats.counters["cloudletfs"] = json.dumps(_fs_summary(fs.stats()))
                 _logged(fs.unmount)
-            for closing in (self.reader, self._stream, self.source):
+            for closing in (self.reader, self._stream):
                 _logged(closing.close)
         finally:
             if self.run_dir is not None:

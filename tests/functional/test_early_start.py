@@ -188,3 +188,37 @@ def test_early_start_cli_records_a_trace_that_reorders_the_overlay(
     )
     assert "hello from the cloudlet overlay" in done.stdout
     assert_clean(home_b)
+
+
+def test_close_while_it_starts_stops_it_in_bounded_time(
+    home_b: Path, overlay: Path, ranges: RangeServer
+):
+    """A server deleting a synthesis that is still starting (here: still fetching the whole
+    overlay, without early start): start() ends with the reason, nothing is left."""
+    spec = spec_for(ranges, overlay, (free_port(), 80), early_start=False)
+    synth = prepare_synthesis(CloudletHome(home_b), spec, Stats())
+    ranges.faults.rate = overlay.stat().st_size / 60  # the frames crawl in
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            synth.start()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            outcome.append(e)
+
+    starter = threading.Thread(target=run)
+    starter.start()
+    deadline = time.monotonic() + FAILS_WITHIN
+    while time.monotonic() < deadline and not (
+        synth.pipeline is not None and synth.status()["progress"].get("bytes_fetched")
+    ):
+        time.sleep(0.05)
+    assert starter.is_alive(), "the synthesis did not wait for the slow overlay"
+    synth.close()
+    starter.join(FAILS_WITHIN)
+    assert not starter.is_alive()
+    assert isinstance(outcome[0], CloudletError), outcome
+    assert "stopped while it started" in str(outcome[0])
+    assert synth.status()["state"] == "failed"
+    assert_clean(home_b)
