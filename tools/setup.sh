@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod zstd xz-utils
-              python3-venv procps libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
+              python3-venv procps libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+              fuse3 nginx-light iproute2 libvirt-dev pkg-config)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -30,6 +31,20 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
+fi
+
+# The Nova driver (cloudlet_nova) and Nova's functional-test framework: nova 34 and its OpenStack
+# dependencies, pinned by tools/openstack-constraints.txt (libvirt-python builds on libvirt-dev).
+nova_stamp=.venv/.cloudlet-nova-installed
+if [ ! -f "$nova_stamp" ] || [ setup.cfg -nt "$nova_stamp" ] \
+        || [ tools/openstack-constraints.txt -nt "$nova_stamp" ]; then
+    echo "setup: installing nova 34 and the cloudlet Nova driver into .venv"
+    .venv/bin/pip install -q -c tools/openstack-constraints.txt -e '.[test,nova,nova-test]'
+    # Nova's functional tests read api-paste.ini from <site-packages>/etc/nova (a source tree's
+    # layout); the wheel installs it under .venv/etc
+    sp=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    [ -e "$sp/etc" ] || ln -s "$PWD/.venv/etc" "$sp/etc"
+    touch "$nova_stamp"
 fi
 
 tools/testguest/build.sh

@@ -1,0 +1,1 @@
+"""Nova integration of cloudlet: compute driver, Glance image properties, RPC, scheduler weigher."""
