@@ -1,0 +1,36 @@
+#!/bin/bash
+# Install what the all-in-one needs (Debian packages + its own venv); idempotent: a stamp holds
+# the hash of the inputs and nothing is done when it matches. Never touches the project's .venv.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+APT_PACKAGES=(postgresql rabbitmq-server libvirt-daemon-system libvirt-daemon-driver-qemu
+              libvirt-clients libvirt-dev qemu-system-x86 qemu-utils python3-venv python3-dev
+              gcc pkg-config bc curl busybox-static)
+PIP_PACKAGES=("nova==34.*" "keystone==30.*" "glance==33.*" "openstack-placement==16.*"
+              python-openstackclient uwsgi psycopg2-binary "libvirt-python>=9.0" "pyroute2>=0.7")
+CONSTRAINTS=$AIO_REPO/tools/openstack-constraints.txt
+
+stamp_now() {
+    { printf '%s\n' "${APT_PACKAGES[@]}" "${PIP_PACKAGES[@]}"; cat "$CONSTRAINTS" "$0";
+      cat "$AIO_REPO/setup.cfg"; } | sha256sum | cut -d' ' -f1
+}
+mkdir -p "$AIO_DIR"
+if [ "$(cat "$AIO_DIR/.installed" 2>/dev/null)" = "$(stamp_now)" ]; then
+    echo "aio: packages up to date"; exit 0
+fi
+missing=()
+for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    # no init system here: keep package scripts from starting the daemons (up.sh starts them)
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    rm -f /usr/sbin/policy-rc.d
+fi
+step "apt packages"
+[ -x "$V/python" ] || python3 -m venv "$AIO_VENV"
+"$V/pip" install -q --upgrade pip
+"$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "$AIO_REPO[nova]"
+step "pip install (venv $AIO_VENV)"
+stamp_now > "$AIO_DIR/.installed"
