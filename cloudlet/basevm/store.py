@@ -121,6 +121,17 @@ class BaseVM:
     def initrd_path(self) -> Path | None:
         return self.path / INITRD if INITRD in self.files else None
 
+    def summary(self) -> dict[str, Any]:
+        """Plain data for listings (`cloudlet base list --json`, the server's GET /v1/bases)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "created": self.created.isoformat(),
+            "disk_size": self.disk_size,
+            "memory_size": self.memory_size,
+            "config": self.config,
+        }
+
     def chunk_index(self, image: str) -> ChunkIndex:
         """The chunk index of image "disk" or "memory" (digests mapped, not read whole)."""
         return ChunkIndex.load(self.path, image)

@@ -105,15 +105,7 @@ def _create(home: CloudletHome, args: argparse.Namespace) -> int:
 
 
 def _describe(b: BaseVM) -> dict:
-    return {
-        "id": b.id,
-        "name": b.name,
-        "created": b.created.isoformat(),
-        "disk_size": b.disk_size,
-        "memory_size": b.memory_size,
-        "config": b.config,
-        "path": str(b.path),
-    }
+    return {**b.summary(), "path": str(b.path)}
 
 
 def _list(home: CloudletHome, args: argparse.Namespace) -> int:

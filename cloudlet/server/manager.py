@@ -350,17 +350,7 @@ class SynthesisManager:
             self._jobs.pop(job.id, None)
 
     def bases(self) -> list[dict]:
-        return [
-            {
-                "id": b.id,
-                "name": b.name,
-                "created": b.created.isoformat(),
-                "disk_size": b.disk_size,
-                "memory_size": b.memory_size,
-                "config": b.config,
-            }
-            for b in BaseStore(self.home).list()
-        ]
+        return [b.summary() for b in BaseStore(self.home).list()]
 
     def shutdown(self, timeout: float = 120.0) -> None:
         """Stop every synthesis (VMs stopped, files removed) and refuse new ones."""
