@@ -1,19 +1,22 @@
 """CloudletDriver: Nova's libvirt driver, plus booting cloudlet images resumed, not cold.
 
-Only three hooks differ from LibvirtDriver (spawn itself is Nova's):
+Only these hooks differ from LibvirtDriver (spawn itself is Nova's):
 - `_create_image`: before Nova's image creation, fetch the base into the host cache and
   synthesize an overlay (cloudlet_nova.spawn.prepare), recording the instance's state;
 - `_create_and_inject_local_root`: the root disk is a qcow2 over the synthesized disk (overlay)
   or over the cached base disk (base), instead of over a Glance download in _base;
 - `_create_guest`: Nova defines the domain from its XML, then instead of starting it the driver
   restores the memory snapshot into it (virDomainRestoreFlags, paused while Nova waits for
-  network-vif-plugged events, exactly as Nova would have launched it).
+  network-vif-plugged events, exactly as Nova would have launched it); a refused restore is an
+  instance fault (RestoreRefused), not a reschedule;
+- `_get_guest_config`: a domain resumed from a kernel-booted base boots that base's kernel.
 Plus placement traits for cached bases (`update_provider_tree`) and the RPC endpoint.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -133,7 +136,7 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
                       "saved with: create bases in Nova (cloudlet-manage base create)",
                       st.base_id, st.image_id, e, instance=instance)
             raise errors.RestoreRefused(
-                image_id=st.image_id, base=st.base_id[:16], reason=str(e)) from e
+                image_id=st.image_id, base=st.base_id[:16], reason=_qemu_reason(str(e))) from e
         st.restore_pending = False  # from now on reboots boot the disk, as for any instance
         state.save(instance_dir, st)
         LOG.info("restored %s base %s memory snapshot", st.kind, st.base_id, instance=instance)
@@ -181,3 +184,13 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
                 if t.startswith(base_cache.TRAIT_PREFIX)}
         provider_tree.remove_traits(nodename, *(have - wanted))
         provider_tree.add_traits(nodename, *(wanted - have))
+
+
+def _qemu_reason(message: str) -> str:
+    """QEMU's own words from a libvirt error (the fault keeps 255 characters, and libvirt puts
+    "internal error: qemu unexpectedly closed the monitor: <timestamp> qemu-system-...:" first)."""
+    found = _QEMU_SAID.search(message)
+    return f"QEMU: {found.group(1).strip()}" if found else message
+
+
+_QEMU_SAID = re.compile(r"qemu-system-[\w.-]+: (.+)")

@@ -216,8 +216,9 @@ class FaultTest(CloudletDriverTestBase):
             calls.append(frm)
             raise cf.fakelibvirt.make_libvirtError(
                 cf.fakelibvirt.libvirtError,
-                "operation failed: Unknown ramblock \"0000:00:03.0/e1000.rom\", cannot accept "
-                "migration", error_code=cf.fakelibvirt.VIR_ERR_OPERATION_FAILED)
+                "internal error: qemu unexpectedly closed the monitor: 2026-12-05T14:07:21.076Z "
+                "qemu-system-x86_64: Unknown ramblock \"0000:00:03.0/e1000.rom\", cannot accept "
+                "migration", error_code=cf.fakelibvirt.VIR_ERR_INTERNAL_ERROR)  # as libvirt 9 says
 
         self.useFixture(fixtures.MonkeyPatch(
             f"{cf.fakelibvirt.__name__}.Connection.restoreFlags", refuse))
@@ -225,7 +226,8 @@ class FaultTest(CloudletDriverTestBase):
         self.assertEqual(1, len(calls), "the build was retried")
         self.assert_fault(server, f"Base VM {self.base.id[:16]}",
                           "saved hardware does not match this server's domain",
-                          "Unknown ramblock", "e1000.rom")
+                          'QEMU: Unknown ramblock "0000:00:03.0/e1000.rom", cannot accept '
+                          "migration")
         for compute in self.computes.values():
             conn = compute.driver._host.get_connection()
             self.assertEqual([], conn.listAllDomains(), "a domain left defined")

@@ -111,6 +111,7 @@ BASE_IMAGE=$(awk '/^disk_image /{print $2}' "$E/base.out")
 echo "aio: base $(awk '/^base_id /{print $2}' "$E/base.out"): disk image $BASE_IMAGE"
 step "cloudlet-manage base create vm0"
 $O server delete --wait vm0
+step "delete vm0"
 
 # -- 3. boot from the base: resumed, not booted ----------------------------------------------
 $O server create --flavor "$FLAVOR" --image "$BASE_IMAGE" --nic none --wait vm1 >/dev/null
