@@ -14,6 +14,7 @@ Until the cloudlet REST API exists this is how bases and overlays get into Glanc
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -107,24 +108,42 @@ def request_context(access: Any) -> nova_context.RequestContext:
     )
 
 
-def server_host(sess: Any, server_id: str) -> str:
+def resolve_server(sess: Any, ref: str) -> tuple[str, str]:
+    """(server id, compute host) of a server named by id or by unique name."""
     from keystoneauth1 import adapter
 
     nova = adapter.Adapter(sess, service_type="compute",
                            region_name=os.environ.get("OS_REGION_NAME"))  # fmt: skip
-    server = nova.get(f"/servers/{server_id}").json()["server"]
+    resp = nova.get(f"/servers/{ref}", raise_exc=False)
+    if resp.status_code == 404:
+        found = nova.get("/servers", params={"name": f"^{re.escape(ref)}$"}).json()["servers"]
+        if len(found) != 1:
+            raise SystemExit(
+                f"cloudlet-manage: no server with id or name {ref!r}"
+                if not found
+                else f"cloudlet-manage: {len(found)} servers are named {ref!r}: give its id"
+            )
+        resp = nova.get(f"/servers/{found[0]['id']}")
+    elif resp.status_code >= 400:
+        raise SystemExit(
+            f"cloudlet-manage: server {ref}: HTTP {resp.status_code} {resp.text[:200]}"
+        )
+    server = resp.json()["server"]
     host = server.get("OS-EXT-SRV-ATTR:host")
     if not host:
-        raise SystemExit(f"cloudlet-manage: server {server_id} has no host (not built yet?)")
-    return host
+        raise SystemExit(f"cloudlet-manage: server {ref} has no host (not built yet?)")
+    return server["id"], host
 
 
 def print_progress(task: CloudletTask) -> None:
     print(f"[{task.progress * 100:5.1f} %] {task.stage}", file=sys.stderr, flush=True)
 
 
-def run(client: CloudletRPCClient, ctxt: Any, host: str, category: Any) -> int:
-    """Send the request, follow its progress, print the result; 0 on success."""
+def run(
+    client: CloudletRPCClient, ctxt: Any, host: str, category: Any, server_id: str | None = None
+) -> int:
+    """Send the request (about server `server_id`), follow its progress, print the result;
+    0 on success."""
     task_id = uuidutils.generate_uuid()
     action = (category.name, category.action)
     if action == ("base", "register"):
@@ -133,11 +152,11 @@ def run(client: CloudletRPCClient, ctxt: Any, host: str, category: Any) -> int:
             name=category.image_name, public=category.public))  # fmt: skip
     elif action == ("base", "create"):
         task = client.create_base(ctxt, host, CloudletCreateBaseRequest(
-            task_id=task_id, instance_uuid=category.server, name=category.image_name,
+            task_id=task_id, instance_uuid=server_id, name=category.image_name,
             public=category.public))  # fmt: skip
     else:
         task = client.capture_overlay(ctxt, host, CloudletCaptureRequest(
-            task_id=task_id, instance_uuid=category.server, name=category.image_name,
+            task_id=task_id, instance_uuid=server_id, name=category.image_name,
             after=category.after, codec=category.codec, public=category.public))  # fmt: skip
     print(f"task {task.id} on {host}: {task.kind}", file=sys.stderr)
     task = client.wait(ctxt, host, task.id, category.wait_timeout, on_update=print_progress)
@@ -158,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     nova_config.parse_args(sys.argv if argv is None else argv, configure_db=False)
     category = CONF.category
     sess, access = keystone_session()
+    server_id = None
     if category.name == "base" and category.action == "register":
         host = category.compute_host or CONF.host
     else:
-        host = server_host(sess, category.server)
-    return run(CloudletRPCClient(), request_context(access), host, category)
+        server_id, host = resolve_server(sess, category.server)
+    return run(CloudletRPCClient(), request_context(access), host, category, server_id)
