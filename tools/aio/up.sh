@@ -47,6 +47,11 @@ step "postgres"
   RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
   HOME=/var/lib/rabbitmq setsid nohup su rabbitmq -s /bin/sh -c /usr/lib/rabbitmq/bin/rabbitmq-server \
   > "$A/logs/rabbitmq.out" 2>&1 & echo $! > "$A/state/rabbitmq.pid")
+# Debian's udev rule makes /dev/kvm root:kvm 0660 (libvirt-qemu is in group kvm); without udev
+# it stays root-only here, libvirt then finds its QEMU user unable to open it and re-probes QEMU
+# on every domain define (~10 s each, most of a boot). Nova still runs guests under TCG
+# (virt_type = qemu): KVM is exposed on these machines but hangs guests.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then chgrp kvm /dev/kvm; chmod 0660 /dev/kvm; fi
 if ! $VIRSH version >/dev/null 2>&1; then
     /usr/sbin/virtlogd -d; /usr/sbin/libvirtd -d; touch "$A/state/libvirtd.ours"
 fi
