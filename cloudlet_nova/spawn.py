@@ -7,7 +7,6 @@ the driver yet: an overlay is synthesized completely, then restored.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +31,7 @@ from cloudlet.memory.libvirt import LibvirtSaveHeader, write_save_file
 from cloudlet.memory.stream import MemoryLayout, emit_stream
 from cloudlet.overlay.apply import apply_overlay
 from cloudlet.overlay.reader import OverlayReader
+from cloudlet.synthesis import check_overlay_fits
 from cloudlet_nova import errors, state
 from cloudlet_nova.cache import BaseCache
 from cloudlet_nova.glance import CloudletImage, GlanceImages, Kind
@@ -113,13 +113,7 @@ def _synthesize(
                     reason=f"the overlay was made for base {reader.base_id}, its properties "
                     f"say {image.base_id}",
                 )
-            VMConfig.from_dict(base.config).check_compatible(
-                VMConfig.from_dict(json.loads(reader.blob("vm-config")))
-            )
-            layout = MemoryLayout.from_bytes(reader.blob("memory-layout"))
-            base_layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
-            if not layout.ram_compatible(base_layout):
-                raise ConfigMismatch("the overlay's RAM layout does not match the base VM's")
+            layout = check_overlay_fits(reader, base)
             layout_path.write_bytes(layout.to_bytes())
             applied = apply_overlay(
                 reader,
