@@ -212,7 +212,8 @@ def _wait_for(
 ) -> dict:
     """Poll until the synthesis reaches one of `states`, with a live progress line."""
     deadline = time.monotonic() + timeout
-    line: Progress | None = None
+    line = Progress("synthesis", None)  # created now: its rate counts from the request on
+    shown = False
     while True:
         status = client.status(synthesis_id)
         state = status.get("state")
@@ -223,12 +224,12 @@ def _wait_for(
         progress = status.get("progress") or {}
         total, done = progress.get("bytes_total"), progress.get("bytes_fetched")
         if isinstance(done, int):
-            if line is None:
-                line = Progress(f"synthesis ({state})", total if isinstance(total, int) else None)
             line.label = f"synthesis ({state})"
+            line.total = total if isinstance(total, int) else None
             line(done)
+            shown = True
         if state in states:
-            if line is not None:
+            if shown:
                 line.done()
             return status
         if time.monotonic() > deadline:
