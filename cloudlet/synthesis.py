@@ -183,7 +183,6 @@ class Synthesis:
         self._start_done = threading.Event()
         self._started_at = time.monotonic()
         self._running_at: float | None = None
-        self._watcher: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -276,10 +275,7 @@ class Synthesis:
             self.fs.mount(timeout=self.spec.timeout)
         self.pipeline = self._pipeline(images, _FSSink(self.fs, self.fail))
         self.pipeline.start()  # ZERO and BASE_* chunks are in before QEMU reads anything
-        self._watcher = threading.Thread(
-            target=self._watch, name=f"synthesis-{self.id}", daemon=True
-        )
-        self._watcher.start()
+        threading.Thread(target=self._watch, name=f"synthesis-{self.id}", daemon=True).start()
         resume_base(
             self.base,
             disk=self.fs.path(IMAGE_NAMES[Target.DISK]),
