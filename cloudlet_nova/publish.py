@@ -134,14 +134,17 @@ class Publisher:
             LOG.exception("could not delete image %s: delete it by hand", image_id)
 
     def find(self, kind: glance.Kind, base_id: str) -> list[glance.CloudletImage]:
-        """Active images of `kind` for `base_id` (Glance filters on the properties; the result
-        is checked again here)."""
+        """Active images of `kind` for `base_id` owned by the caller's project (Glance filters
+        on the properties; the result is checked again here). Another project's images are
+        not reused: their owner could delete them."""
         images = self.api.get_all(
             self.context, filters={glance.TYPE: kind.value, glance.BASE_ID: base_id}
         )
         found = []
         for image in images:
             if image.get("status", "active") != "active":
+                continue
+            if image.get("owner") != self.context.project_id:
                 continue
             try:
                 info = glance.describe(image)
