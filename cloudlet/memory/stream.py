@@ -539,7 +539,7 @@ def _parse_ram(r: _Reader, layout: MemoryLayout, fd: int) -> None:
     layout.footers = r.peek_u8("section footer") == SEC_FOOTER
     _footer(r, layout, sid)
     while True:
-        if r.peek_u8("ram pages") == SEC_COMMAND:
+        while r.peek_u8("ram pages") == SEC_COMMAND:
             _switchover_start(r, layout)
         kind, got, at = _section_header(r, "ram pages")
         if layout.extra.get(SWITCHOVER_START) and kind != SEC_END:
