@@ -6,7 +6,7 @@ a base of each QEMU imported and synthesized on the other. Prints wall times, th
 newer QEMU's to the system's (same run, same machine), and the pass/fail matrix. Real QEMU
 guests under TCG: expect +-30 % between runs on a shared machine.
 
-    .venv/bin/python benchmarks/qemu_versions.py [--json out.json]
+    .venv/bin/python benchmarks/qemu_versions.py [--machine pc|q35] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ def run(home: Path, qemu: str, *args: str) -> tuple[float, subprocess.CompletedP
     return time.monotonic() - started, done
 
 
-def base_create(home: Path, qemu: str) -> tuple[float, subprocess.CompletedProcess]:
+def base_create(home: Path, qemu: str, machine: str) -> tuple[float, subprocess.CompletedProcess]:
     g = json.loads((GUEST / "guest.json").read_text())
     return run(
         home, qemu, "base", "create", str(GUEST / g["disk"]), "--name", "testguest",
         "--kernel", str(GUEST / g["kernel"]), "--initrd", str(GUEST / g["initrd"]),
         "--append", g["append"], "--memory", str(g["memory_mib"]),
-        "--ready-marker", g["ready_marker"],
+        "--ready-marker", g["ready_marker"], "--machine", machine,
     )  # fmt: skip
 
 
@@ -60,6 +60,7 @@ def synthesize(home: Path, qemu: str, overlay: Path) -> tuple[float, subprocess.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--machine", default="pc", help="machine type alias (pc, q35)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     installer = REPO / "tools" / "qemu-backports" / "install.sh"
@@ -74,7 +75,7 @@ def main() -> None:
         packages, overlays = {}, {}
         for version, qemu in qemus.items():
             home = work / f"home-{version}"
-            t_base, done = base_create(home, qemu)
+            t_base, done = base_create(home, qemu, args.machine)
             assert done.returncode == 0, done.stderr
             overlay = work / f"{version}.overlay"
             t_overlay, done = run(
@@ -96,7 +97,7 @@ def main() -> None:
                     continue
                 t_synth, done = synthesize(home, qemu, overlays[made])
                 ok = done.returncode == 0 and "ram-only state" in done.stdout
-                matrix[cell] = "pass" if ok else "FAIL: " + done.stderr.strip()[-300:]
+                matrix[cell] = f"pass ({t_synth:.1f} s)" if ok else "FAIL: " + done.stderr[-300:]
                 if made == version:
                     times[version]["synthesize (early start, first answer)"] = t_synth
     older, newest = list(qemus)

@@ -49,7 +49,7 @@ _VERSION_LINE = re.compile(r"QEMU emulator version (\d+)\.(\d+)\.(\d+)")
 
 @functools.cache
 def qemu_version(binary: str) -> str:
-    """"10.0.2" from `binary --version` (recorded in bases; compared before a restore)."""
+    """The QEMU version, e.g. "10.0.2", from `binary --version` (recorded in bases)."""
     try:
         out = subprocess.run(
             [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
@@ -60,6 +60,8 @@ def qemu_version(binary: str) -> str:
     if not m:
         raise HypervisorError(f"{binary} --version does not name a QEMU version: {out[:200]!r}")
     return ".".join(m.groups())
+
+
 DISPLAYS = frozenset({"none", "std"})
 
 

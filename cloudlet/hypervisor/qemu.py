@@ -407,9 +407,7 @@ class QemuVM:
     # -- lifecycle
 
     @classmethod
-    def launch(
-        cls, spec: LaunchSpec, binary: str | None = None, timeout: float = 30.0
-    ) -> QemuVM:
+    def launch(cls, spec: LaunchSpec, binary: str | None = None, timeout: float = 30.0) -> QemuVM:
         """Start QEMU for `spec` (default qemu_binary()), connect QMP and the console; start a
         restore if incoming."""
         binary = binary or qemu_binary()

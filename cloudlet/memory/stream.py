@@ -91,10 +91,10 @@ _COMMAND_NAMES = {
     4: "POSTCOPY_LISTEN",
     5: "POSTCOPY_RUN",
     6: "POSTCOPY_RAM_DISCARD",
-    7: "POSTCOPY_RESUME",
-    8: "PACKAGED",
-    9: "RECV_BITMAP",
-    10: "ENABLE_COLO",
+    7: "PACKAGED",
+    8: "ENABLE_COLO",
+    9: "POSTCOPY_RESUME",
+    10: "RECV_BITMAP",
     MIG_CMD_SWITCHOVER_START: "SWITCHOVER_START",
 }
 # Layout.extra key: version of the QEMU that wrote the stream ("10.0.2"), set by the capture.
