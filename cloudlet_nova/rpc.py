@@ -147,11 +147,16 @@ def start_server(driver: Any, host: str | None = None) -> CloudletRPCService:
 
 
 class CloudletRPCClient:
-    """Talks to one compute host's endpoint; needs nova.rpc initialised (nova.config.parse_args)."""
+    """Talks to one compute host's endpoint: on nova's transport (nova.rpc initialised by
+    nova.config.parse_args), or on `transport` (cloudlet-api, which has its own configuration)."""
 
-    def __init__(self, timeout: float = 120.0) -> None:
+    def __init__(self, timeout: float = 120.0, transport: Any = None) -> None:
         target = messaging.Target(topic=TOPIC, version=RPC_API_VERSION)
-        self._client = nova_rpc.get_client(target, serializer=CloudletObjectSerializer())
+        if transport is None:
+            self._client = nova_rpc.get_client(target, serializer=CloudletObjectSerializer())
+        else:
+            serializer = nova_rpc.RequestContextSerializer(CloudletObjectSerializer())
+            self._client = messaging.get_rpc_client(transport, target, serializer=serializer)
         self.timeout = timeout
 
     def _call(self, ctxt: Any, host: str, method: str, **kw: Any) -> Any:

@@ -48,6 +48,16 @@ if [ ! -f "$nova_stamp" ] || [ setup.cfg -nt "$nova_stamp" ] \
     touch "$nova_stamp"
 fi
 
+# cloudlet-api (the REST service) and what it needs on top of the driver: keystonemiddleware,
+# oslo.policy, microversion-parse, jsonschema, WebOb (same constraints file).
+api_stamp=.venv/.cloudlet-api-installed
+if [ ! -f "$api_stamp" ] || [ setup.cfg -nt "$api_stamp" ] \
+        || [ tools/openstack-constraints.txt -nt "$api_stamp" ]; then
+    echo "setup: installing cloudlet-api's dependencies into .venv"
+    .venv/bin/pip install -q -c tools/openstack-constraints.txt -e '.[test,nova,nova-test,api]'
+    touch "$api_stamp"
+fi
+
 tools/testguest/build.sh
 
 # The newest QEMU of bookworm-backports, unpacked beside the system QEMU (never over it): the

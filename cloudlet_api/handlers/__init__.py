@@ -1,0 +1,1 @@
+"""One module per resource; each handler authorizes its own rule before doing anything."""

@@ -1,0 +1,101 @@
+"""Overlays: Glance overlay images; capture of a running server on its compute host."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import webob
+
+from cloudlet_api import rpc
+from cloudlet_api.clients import describe
+from cloudlet_api.context import Request, json_response, no_content
+from cloudlet_api.handlers.bases import task_response
+from cloudlet_api.handlers.servers import start_on_host
+from cloudlet_api.policies import overlays as policies
+from cloudlet_api.schemas import overlays as schemas
+from cloudlet_api.tasks import CAPTURE_OVERLAY
+from cloudlet_nova import glance as cloudlet_glance
+from cloudlet_nova.objects import CloudletCaptureRequest
+
+KIND = cloudlet_glance.Kind.OVERLAY
+
+
+def view(image: dict[str, Any], info: cloudlet_glance.CloudletImage) -> dict[str, Any]:
+    return {
+        "id": image["id"],
+        "name": image.get("name"),
+        "base_id": info.base_id,
+        "base_disk_image_id": info.disk_image,
+        "status": image.get("status"),
+        "visibility": image.get("visibility"),
+        "project_id": image.get("owner"),
+        "size": image.get("size"),
+        "checksum": image.get("checksum"),
+        "created_at": image.get("created_at"),
+        "updated_at": image.get("updated_at"),
+    }
+
+
+def list_overlays(req: Request) -> Any:
+    req.authorize(policies.LIST)
+    query = req.query(schemas.LIST_QUERY)
+    filters = {cloudlet_glance.TYPE: KIND.value}
+    if "base_id" in query:
+        filters[cloudlet_glance.BASE_ID] = query["base_id"]
+    found = []
+    for image in req.glance().list_images(**filters):
+        info = describe(image)
+        if info is not None and info.kind is KIND:
+            found.append(view(image, info))
+    return json_response({"overlays": found})
+
+
+def show_overlay(req: Request) -> Any:
+    req.authorize(policies.SHOW)
+    image, info = req.glance().cloudlet_image(req.params_in_path["id"], KIND, "overlay")
+    return json_response({"overlay": view(image, info)})
+
+
+def download_overlay(req: Request) -> Any:
+    """The overlay file, streamed from Glance as it arrives."""
+    req.authorize(policies.DOWNLOAD)
+    glance = req.glance()
+    overlay_id = req.params_in_path["id"]
+    image, _ = glance.cloudlet_image(overlay_id, KIND, "overlay")
+    length, chunks = glance.download(overlay_id, f"downloading overlay {overlay_id}")
+    resp = webob.Response(
+        status=200, content_type="application/octet-stream", charset=None, app_iter=chunks
+    )
+    if length is not None:
+        resp.content_length = length
+    if image.get("name"):
+        resp.content_disposition = f'attachment; filename="{image["id"]}.overlay"'
+    return resp
+
+
+def delete_overlay(req: Request) -> Any:
+    req.authorize(policies.DELETE)
+    glance = req.glance()
+    overlay_id = req.params_in_path["id"]
+    glance.cloudlet_image(overlay_id, KIND, "overlay")
+    glance.delete_image(overlay_id, f"deleting overlay {overlay_id}")
+    return no_content()
+
+
+def create_overlay(req: Request) -> Any:
+    req.authorize(policies.CREATE)
+    body = req.json_body(schemas.CREATE)
+
+    def send(ctxt: Any, host: str, task_id: str) -> Any:
+        request = CloudletCaptureRequest(
+            task_id=task_id,
+            instance_uuid=body["server_id"],
+            name=body["name"],
+            after=body.get("after", "resume"),
+            codec=body.get("codec", "zstd"),
+            public=body.get("public", False),
+        )
+        return rpc.client(req.service.conf).capture_overlay(ctxt, host, request)
+
+    task = start_on_host(req, body["server_id"], CAPTURE_OVERLAY, body["name"], send)
+    return task_response(req, task)

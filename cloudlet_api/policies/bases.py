@@ -1,0 +1,54 @@
+from oslo_policy import policy
+
+from cloudlet_api.policies import base
+
+PREFIX = "cloudlet:base:%s"
+LIST = PREFIX % "list"
+SHOW = PREFIX % "show"
+IMPORT = PREFIX % "import"
+CREATE = PREFIX % "create"
+DELETE = PREFIX % "delete"
+
+_rules = [
+    policy.DocumentedRuleDefault(
+        name=LIST,
+        check_str=base.ADMIN_OR_PROJECT_READER,
+        scope_types=base.SCOPE,
+        description="List the base VMs visible to the project (its own and public ones).",
+        operations=[{"method": "GET", "path": "/bases"}],
+    ),
+    policy.DocumentedRuleDefault(
+        name=SHOW,
+        check_str=base.ADMIN_OR_PROJECT_READER,
+        scope_types=base.SCOPE,
+        description="Show one base VM.",
+        operations=[{"method": "GET", "path": "/bases/{base_id}"}],
+    ),
+    policy.DocumentedRuleDefault(
+        name=IMPORT,
+        check_str=base.ADMIN_OR_PROJECT_MEMBER,
+        scope_types=base.SCOPE,
+        description="Import a base-VM package (.cbase), uploaded or fetched from an allowed "
+        "URL, into the project's images.",
+        operations=[{"method": "POST", "path": "/bases/import"}],
+    ),
+    policy.DocumentedRuleDefault(
+        name=CREATE,
+        check_str=base.ADMIN_OR_PROJECT_MEMBER,
+        scope_types=base.SCOPE,
+        description="Create a base VM from one of the project's running servers.",
+        operations=[{"method": "POST", "path": "/bases"}],
+    ),
+    policy.DocumentedRuleDefault(
+        name=DELETE,
+        check_str=base.ADMIN_OR_PROJECT_MANAGER,
+        scope_types=base.SCOPE,
+        description="Delete a base VM (its disk and memory images). Every overlay made over it "
+        "becomes unusable, hence a manager's operation by default.",
+        operations=[{"method": "DELETE", "path": "/bases/{base_id}"}],
+    ),
+]
+
+
+def list_rules() -> list[policy.RuleDefault]:
+    return _rules

@@ -1,0 +1,15 @@
+from cloudlet_api.schemas import NAME, UUID, query_schema
+
+CREATE = {
+    "type": "object",
+    "properties": {
+        "overlay_id": UUID,
+        "name": NAME,
+        "flavor_id": {"type": "string", "minLength": 1, "maxLength": 255},
+        "network_id": UUID,
+    },
+    "required": ["overlay_id", "name", "flavor_id"],
+    "additionalProperties": False,
+}
+
+LIST_QUERY = query_schema({})
