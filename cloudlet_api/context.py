@@ -74,6 +74,8 @@ class Request(webob.Request):
             raise errors.UnsupportedMediaType(
                 f"the body must be {JSON}, not {self.content_type or 'missing'!r}"
             )
+        if self.content_length is None:  # a chunked body could be of any size
+            raise errors.LengthRequired("a JSON body needs a Content-Length header")
         try:
             body = json.loads(self.body)
         except ValueError as e:

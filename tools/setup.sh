@@ -48,13 +48,15 @@ if [ ! -f "$nova_stamp" ] || [ setup.cfg -nt "$nova_stamp" ] \
     touch "$nova_stamp"
 fi
 
-# cloudlet-api (the REST service) and what it needs on top of the driver: keystonemiddleware,
-# oslo.policy, microversion-parse, jsonschema, WebOb (same constraints file).
+# cloudlet-api (the REST service) and what it needs on top of the driver (keystonemiddleware,
+# oslo.policy, microversion-parse, jsonschema, WebOb), and its client (openstacksdk, osc-lib,
+# the `openstack` command), with the same constraints file.
 api_stamp=.venv/.cloudlet-api-installed
 if [ ! -f "$api_stamp" ] || [ setup.cfg -nt "$api_stamp" ] \
         || [ tools/openstack-constraints.txt -nt "$api_stamp" ]; then
-    echo "setup: installing cloudlet-api's dependencies into .venv"
-    .venv/bin/pip install -q -c tools/openstack-constraints.txt -e '.[test,nova,nova-test,api]'
+    echo "setup: installing cloudlet-api and its client's dependencies into .venv"
+    .venv/bin/pip install -q -c tools/openstack-constraints.txt \
+        -e '.[test,nova,nova-test,api,client]'
     touch "$api_stamp"
 fi
 

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-.venv/bin/ruff check cloudlet tests benchmarks cloudlet_nova cloudlet_api nova
+.venv/bin/ruff check cloudlet tests benchmarks cloudlet_nova cloudlet_api cloudletclient nova
 if [ -n "${CLOUDLET_QEMU:-}" ]; then
     echo "test: QEMU $CLOUDLET_QEMU"
     .venv/bin/pytest -ra -m "not cross_version" "$@"

@@ -34,6 +34,7 @@ def env() -> Iterator[Env]:
     keystone = standins.Keystone(cloud)
     glance = standins.Glance(cloud)
     nova = standins.Nova(cloud)
+    neutron = standins.Neutron(cloud)
     tokens = {}
     for project, suffix in ((PROJECT_A, ""), (PROJECT_B, "_b")):
         for role in ("reader", "member", "manager", "admin"):
@@ -41,7 +42,7 @@ def env() -> Iterator[Env]:
         # a user on the project with a role no rule accepts
         tokens["outsider" + suffix] = cloud.identity(f"out{suffix}", project, "observer").token
     yield Env(cloud, keystone, tokens)
-    for server in (keystone.server, glance.server, nova.server):
+    for server in (keystone.server, glance.server, nova.server, neutron.server):
         server.stop()
 
 

@@ -1,17 +1,19 @@
-"""Stand-ins for Keystone, Glance, Nova and a compute host's cloudlet RPC endpoint.
+"""Stand-ins for Keystone, Glance, Nova, Neutron and a compute host's cloudlet RPC endpoint.
 
-Keystone, Glance and Nova cannot run inside the test suite (they need databases, a message bus
-and system daemons; the all-in-one in tools/aio proves the real ones). These answer at their
-HTTP boundary only, with the behaviour cloudlet-api relies on: Keystone issues and validates
-tokens for keystonemiddleware (roles expanded as Keystone's implied roles do); Glance hides
-another project's private images (404) and refuses to let a non-owner change one (403); Nova
-hides other projects' servers and shows the compute host only to admins. The compute host's
-RPC endpoint runs on oslo.messaging's in-process fake transport and records what it was sent.
+These services cannot run inside the test suite (they need databases, a message bus and system
+daemons; the all-in-one in tools/aio proves the real ones). These answer at their HTTP boundary
+only, with the behaviour cloudlet-api and its client rely on: Keystone issues tokens (password
+logins) and validates them for keystonemiddleware (roles expanded as Keystone's implied roles
+do); Glance hides another project's private images (404) and refuses to let a non-owner change
+one (403); Nova hides other projects' servers and shows the compute host only to admins; Neutron
+finds networks by name. The compute host's RPC endpoint runs on oslo.messaging's in-process fake
+transport and records what it was sent.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socketserver
 import tempfile
 import threading
@@ -30,6 +32,7 @@ IMPLIED = {
     "reader": ["reader"],
 }
 SERVICE_USER = ("cloudlet", "cloudlet-secret")
+USER_PASSWORD = "pw"  # every persona's password (the SDK and CLI tests log in with it)
 SERVICE_PROJECT = "service-project"
 
 
@@ -93,6 +96,10 @@ class Cloud:
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="glance-")))
     glance_url: str = ""
     nova_url: str = ""
+    neutron_url: str = ""
+    cloudlet_url: str = ""  # the catalog's cloudlet endpoint (the API under test)
+    flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    networks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def identity(self, user: str, project_id: str, role: str) -> Identity:
         """A token for `user` with `role` (plus what it implies) on `project_id`."""
@@ -159,13 +166,23 @@ class Keystone:
         self.service = cloud.identity(SERVICE_USER[0], SERVICE_PROJECT, "admin")
         self.service.roles.append("service")
 
+    def _login(self, name: str | None, password: str | None) -> Identity | None:
+        if (name, password) == SERVICE_USER:
+            return self.service
+        if password != USER_PASSWORD:
+            return None
+        return next((i for i in self.cloud.tokens.values() if i.user_id == name), None)
+
     def _token_body(self, ident: Identity) -> dict[str, Any]:
         domain = {"id": "default", "name": "Default"}
         endpoints = {
             "identity": self.url,
             "image": self.cloud.glance_url,
             "compute": self.cloud.nova_url,
+            "network": self.cloud.neutron_url,
         }
+        if self.cloud.cloudlet_url:
+            endpoints["cloudlet"] = self.cloud.cloudlet_url
         return {
             "token": {
                 "methods": ["password"],
@@ -214,13 +231,11 @@ class Keystone:
         if path == "/v3/auth/tokens" and method == "POST":
             body = json.loads(_read(environ))
             user = body["auth"]["identity"]["password"]["user"]
-            if (user.get("name"), user.get("password")) != SERVICE_USER:
+            ident = self._login(user.get("name"), user.get("password"))
+            if ident is None:
                 return _json(start, "401 Unauthorized", {"error": {"message": "bad password"}})
             return _json(
-                start,
-                "201 Created",
-                self._token_body(self.service),
-                [("X-Subject-Token", self.service.token)],
+                start, "201 Created", self._token_body(ident), [("X-Subject-Token", ident.token)]
             )
         if path == "/v3/auth/tokens" and method in ("GET", "HEAD"):
             if self.cloud.tokens.get(environ.get("HTTP_X_AUTH_TOKEN", "")) is not self.service:
@@ -333,7 +348,7 @@ class Glance:
 
 
 class Nova:
-    """Compute: show a server (host attribute for admins only), create one."""
+    """Compute: show, find and create servers (the host attribute for admins only), flavors."""
 
     def __init__(self, cloud: Cloud) -> None:
         self.cloud = cloud
@@ -352,6 +367,22 @@ class Nova:
             return _json(start, "401 Unauthorized", {"error": {"message": "no valid token"}})
         parts = environ["PATH_INFO"].strip("/").split("/")
         method = environ["REQUEST_METHOD"]
+        if parts == [""]:  # version discovery (openstacksdk)
+            return _json(
+                start,
+                "200 OK",
+                {
+                    "versions": [
+                        {
+                            "id": "v2.1",
+                            "status": "CURRENT",
+                            "version": "2.96",
+                            "min_version": "2.1",
+                            "links": [{"rel": "self", "href": self.server.url + "/"}],
+                        }
+                    ]
+                },
+            )
         if parts == ["servers"] and method == "POST":
             body = json.loads(_read(environ))["server"]
             image = self.cloud.images.get(body["imageRef"])
@@ -366,6 +397,21 @@ class Nova:
             server_id = self.cloud.add_server(ident.project_id, body["name"], status="BUILD")
             self.cloud.servers[server_id].update(image=body["imageRef"], request=body)
             return _json(start, "202 Accepted", {"server": {"id": server_id}})
+        if method == "GET" and parts[0] in ("servers", "flavors") and parts[1:] in ([], ["detail"]):
+            query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+            if parts[0] == "flavors":
+                return _json(start, "200 OK", {"flavors": list(self.cloud.flavors.values())})
+            found = [
+                self._view(ident, s)
+                for s in self.cloud.servers.values()
+                if s["tenant_id"] == ident.project_id
+                and ("name" not in query or re.fullmatch(query["name"], s["name"]))
+            ]
+            return _json(start, "200 OK", {"servers": found})
+        if method == "GET" and parts[0] == "flavors" and len(parts) == 2:
+            if parts[1] not in self.cloud.flavors:
+                return _json(start, "404 Not Found", {"itemNotFound": {"message": "no flavor"}})
+            return _json(start, "200 OK", {"flavor": self.cloud.flavors[parts[1]]})
         if len(parts) == 2 and parts[0] == "servers" and method == "GET":
             server = self.cloud.servers.get(parts[1])
             if server is None or not (
@@ -378,6 +424,43 @@ class Nova:
                 )
             return _json(start, "200 OK", {"server": self._view(ident, server)})
         return _json(start, "404 Not Found", {"itemNotFound": {"message": "no such path"}})
+
+
+class Neutron:
+    """Networks: show and find by name (what `--network NAME` needs)."""
+
+    def __init__(self, cloud: Cloud) -> None:
+        self.cloud = cloud
+        self.server = HTTPServer(self)
+        cloud.neutron_url = self.server.url
+
+    def __call__(self, environ: dict, start: Callable) -> Iterable[bytes]:
+        if self.cloud.caller(environ) is None:
+            return _json(start, "401 Unauthorized", {"NeutronError": {"message": "no token"}})
+        parts = environ["PATH_INFO"].strip("/").split("/")
+        if parts == [""]:
+            return _json(
+                start,
+                "200 OK",
+                {
+                    "versions": [
+                        {
+                            "id": "v2.0",
+                            "status": "CURRENT",
+                            "links": [{"rel": "self", "href": self.server.url + "/v2.0/"}],
+                        }
+                    ]
+                },
+            )
+        if parts[:2] != ["v2.0", "networks"]:
+            return _json(start, "404 Not Found", {"NeutronError": {"message": "no such path"}})
+        if len(parts) == 3:
+            if parts[2] not in self.cloud.networks:
+                return _json(start, "404 Not Found", {"NeutronError": {"message": "no network"}})
+            return _json(start, "200 OK", {"network": self.cloud.networks[parts[2]]})
+        query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        found = [n for n in self.cloud.networks.values() if query.get("name") in (None, n["name"])]
+        return _json(start, "200 OK", {"networks": found})
 
 
 class ComputeHost:
