@@ -44,7 +44,7 @@ api_opts = [
         "max_concurrent_imports",
         default=2,
         min=1,
-        help="Package imports this process runs at once; a request beyond gets 429.",
+        help="Package imports and exports this process runs at once; a request beyond gets 429.",
     ),
     cfg.ListOpt(
         "import_url_allow",

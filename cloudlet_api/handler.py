@@ -16,6 +16,7 @@ ROUTES: dict[str, dict[str, Callable[[Request], Any]]] = {
     "/bases": {"GET": bases.list_bases, "POST": bases.create_base},
     "/bases/import": {"POST": bases.import_base},
     "/bases/{id}": {"GET": bases.show_base, "DELETE": bases.delete_base},
+    "/bases/{id}/package": {"GET": bases.export_base},
     "/overlays": {"GET": overlays.list_overlays, "POST": overlays.create_overlay},
     "/overlays/{id}": {"GET": overlays.show_overlay, "DELETE": overlays.delete_overlay},
     "/overlays/{id}/file": {"GET": overlays.download_overlay},

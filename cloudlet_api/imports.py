@@ -93,13 +93,18 @@ class Importer:
         self.allow = AllowList.parse(conf[api_conf.API].import_url_allow)
         self._slots = threading.BoundedSemaphore(conf[api_conf.API].max_concurrent_imports)
 
-    def _slot(self) -> None:
+    def slot(self) -> None:
+        """Take one of the process's package slots (imports and exports), or 429."""
         if not self._slots.acquire(blocking=False):
             raise errors.TooManyRequests(
                 "this cloudlet-api process is already running its maximum of "
-                f"{self.conf[api_conf.API].max_concurrent_imports} package imports; retry later",
+                f"{self.conf[api_conf.API].max_concurrent_imports} package imports and "
+                "exports; retry later",
                 headers={"Retry-After": "30"},
             )
+
+    def release(self) -> None:
+        self._slots.release()
 
     def upload(
         self,
@@ -115,7 +120,7 @@ class Importer:
             raise errors.LengthRequired("a package upload needs a Content-Length header")
         if length > self.limit:
             raise errors.PayloadTooLarge(self._too_large(length))
-        self._slot()
+        self.slot()
         spool = self.root / f"{uuid.uuid4()}.cbase"
         try:
             with open(spool, "xb") as out:
@@ -144,7 +149,7 @@ class Importer:
             target = str(self.allow.check(url))
         except SourceNotAllowed as e:
             raise errors.BadRequest(str(e)) from None
-        self._slot()
+        self.slot()
         spool = self.root / f"{uuid.uuid4()}.cbase"
         try:
             task = self.store.new(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cloudlet_api import errors, rpc
+import webob
+
+from cloudlet_api import errors, exports, rpc
 from cloudlet_api.clients import describe
 from cloudlet_api.context import JSON, Request, json_response, no_content
 from cloudlet_api.handlers.servers import start_on_host
@@ -86,6 +88,18 @@ def delete_base(req: Request) -> Any:
     except errors.NotFound:
         pass  # already gone: nothing of the base is left
     return no_content()
+
+
+def export_base(req: Request) -> Any:
+    """The base as a package (.cbase), streamed."""
+    req.authorize(policies.EXPORT)
+    glance = req.glance()
+    image, info = glance.cloudlet_image(req.params_in_path["id"], KIND, "base")
+    size, chunks = exports.export(req.service.imports, glance, image, info)
+    resp = webob.Response(status=200, content_type=PACKAGE, charset=None, app_iter=chunks)
+    resp.content_length = size
+    resp.content_disposition = f'attachment; filename="{info.base_id[:12]}.cbase"'
+    return resp
 
 
 def create_base(req: Request) -> Any:

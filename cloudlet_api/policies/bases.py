@@ -8,6 +8,7 @@ SHOW = PREFIX % "show"
 IMPORT = PREFIX % "import"
 CREATE = PREFIX % "create"
 DELETE = PREFIX % "delete"
+EXPORT = PREFIX % "export"
 
 _rules = [
     policy.DocumentedRuleDefault(
@@ -23,6 +24,13 @@ _rules = [
         scope_types=base.SCOPE,
         description="Show one base VM.",
         operations=[{"method": "GET", "path": "/bases/{base_id}"}],
+    ),
+    policy.DocumentedRuleDefault(
+        name=EXPORT,
+        check_str=base.ADMIN_OR_PROJECT_READER,
+        scope_types=base.SCOPE,
+        description="Download a base VM as a package (.cbase) another cloudlet can import.",
+        operations=[{"method": "GET", "path": "/bases/{base_id}/package"}],
     ),
     policy.DocumentedRuleDefault(
         name=IMPORT,

@@ -80,6 +80,25 @@ class Proxy(proxy.Proxy):
     def delete_base(self, base: str | Base) -> None:
         self._delete(Base, base, ignore_missing=False)
 
+    def export_base(
+        self, base: str | Base, output: BinaryIO, progress: Callable[[int, int], None] | None = None
+    ) -> int:
+        """Stream the base as a package (.cbase) into `output`; returns the bytes written."""
+        return self._stream_to(f"/bases/{resource_id(base)}/package", output, progress)
+
+    def _stream_to(
+        self, url: str, output: BinaryIO, progress: Callable[[int, int], None] | None
+    ) -> int:
+        resp = self.get(url, stream=True)
+        total = int(resp.headers.get("Content-Length") or 0)
+        done = 0
+        for chunk in resp.iter_content(CHUNK):
+            output.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+        return done
+
     def import_base(
         self,
         package: BinaryIO | None = None,
@@ -152,16 +171,7 @@ class Proxy(proxy.Proxy):
         progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Stream the overlay file into `output`; returns the bytes written."""
-        overlay_id = resource_id(overlay)
-        resp = self.get(f"/overlays/{overlay_id}/file", stream=True)
-        total = int(resp.headers.get("Content-Length") or 0)
-        done = 0
-        for chunk in resp.iter_content(CHUNK):
-            output.write(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-        return done
+        return self._stream_to(f"/overlays/{resource_id(overlay)}/file", output, progress)
 
     # -- syntheses -----------------------------------------------------------------------
 

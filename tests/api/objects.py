@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import secrets
+import tempfile
+from pathlib import Path
 
+from cloudlet.basevm.store import BaseStore
+from cloudlet.home import CloudletHome
 from cloudlet_nova import glance as cloudlet_glance
 from tests.api.conftest import API
 
@@ -58,3 +63,25 @@ def task(api: API, persona: str = "member") -> str:
     )
     assert resp.status_code == 202, resp.text
     return resp.json()["task"]["id"]
+
+
+def real_base(api: API, project: str, seed: int = 5) -> tuple[str, str]:
+    """(disk image id, base id) of a real base (a crafted one, tests/unit) in Glance, its memory
+    image holding the bundle the driver reads."""
+    from tests.unit.test_basevm_store import make_base_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = BaseStore(CloudletHome(Path(tmp) / "home"))
+        base = store.add_from_directory(make_base_dir(Path(tmp) / "staging", seed=seed), "web")
+        bundle = io.BytesIO()
+        cloudlet_glance.write_memory_bundle(base, bundle)
+        cloud = api.env.cloud
+        memory = cloud.add_image(project, "web-memory", {}, bundle.getvalue())
+        disk = cloud.add_image(
+            project,
+            "web",
+            cloudlet_glance.base_disk_properties(base.id, memory),
+            base.disk_path.read_bytes(),
+        )
+        cloud.images[memory].update(cloudlet_glance.base_memory_properties(base.id, disk))
+        return disk, base.id

@@ -16,7 +16,7 @@ from pathlib import Path
 import openstack
 import pytest
 
-from cloudlet.basevm.package import export_base
+from cloudlet.basevm.package import export_base, import_base
 from cloudlet.basevm.store import BaseStore
 from cloudlet.home import CloudletHome
 from cloudletclient.sdk import register
@@ -130,6 +130,11 @@ def test_cli_import_wait_and_refusal(api: API, cloud: standins.Cloud, tmp_path: 
     assert "%]" in done.stderr  # the progress line
     shown = cli(api, "reader", "base", "show", task["images"]["disk"], "-f", "json")
     assert json.loads(shown.stdout)["base_id"] == base.id
+
+    exported = tmp_path / "exported.cbase"
+    got = cli(api, "reader", "base", "export", "web-cli", "--file", str(exported))
+    assert got.returncode == 0, got.stderr
+    assert import_base(BaseStore(CloudletHome(tmp_path / "other")), exported).base.id == base.id
 
     def flip(members: list) -> list:
         return [

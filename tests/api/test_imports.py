@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cloudlet.basevm.package import export_base
+from cloudlet.basevm.package import export_base, import_base
 from cloudlet.basevm.store import BaseStore
 from cloudlet.home import CloudletHome
 from cloudlet_nova import glance as cloudlet_glance
@@ -172,3 +172,39 @@ def test_url_import_only_from_the_allow_list(
     resp = closed.call("member", "POST", "/bases/import", json={"url": allowed + "x.cbase"})
     assert resp.status_code == 400
     assert "no remote sources are allowed" in resp.json()["errors"][0]["detail"]
+
+
+def test_export_streams_a_package_that_imports_as_the_same_base(
+    api_factory: Callable[..., API], tmp_path: Path
+) -> None:
+    from tests.api import objects
+
+    api = api_factory()
+    disk, base_id = objects.real_base(api, PROJECT_A, seed=11)
+    resp = api.call("reader", "GET", f"/bases/{disk}/package", stream=True)
+    assert resp.status_code == 200
+    package = tmp_path / "exported.cbase"
+    with open(package, "wb") as out:
+        for chunk in resp.iter_content(1 << 20):
+            out.write(chunk)
+    assert package.stat().st_size == int(resp.headers["Content-Length"])
+    result = import_base(BaseStore(CloudletHome(tmp_path / "other")), package)
+    assert result.base.id == base_id
+    assert_nothing_spooled(api)
+
+
+def test_export_of_images_changed_since_is_refused(
+    api_factory: Callable[..., API], tmp_path: Path
+) -> None:
+    from tests.api import objects
+
+    api = api_factory()
+    disk, _ = objects.real_base(api, PROJECT_A, seed=12)
+    path = api.env.cloud.image_data[disk]
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    resp = api.call("reader", "GET", f"/bases/{disk}/package")
+    assert resp.status_code == 409
+    assert "the images were changed" in resp.json()["errors"][0]["detail"]
+    assert_nothing_spooled(api)

@@ -32,6 +32,12 @@ CASES: dict[str, Case] = {
     "cloudlet:base:show": Case(
         "reader", "outsider", lambda a: ("GET", f"/bases/{objects.base(a, PROJECT_A)[0]}", {}), 200
     ),
+    "cloudlet:base:export": Case(
+        "reader",
+        "outsider",
+        lambda a: ("GET", f"/bases/{objects.real_base(a, PROJECT_A)[0]}/package", {}),
+        200,
+    ),
     "cloudlet:base:import": Case(
         "member",
         "reader",

@@ -1,4 +1,4 @@
-"""openstack cloudlet base import|list|show|delete|create"""
+"""openstack cloudlet base import|export|list|show|delete|create"""
 
 from __future__ import annotations
 
@@ -62,6 +62,23 @@ class DeleteBase(command.Command):
         client = self.app.client_manager.cloudlet
         for ref in args.bases:
             client.delete_base(client.find_base(ref))
+
+
+class ExportBase(command.Command):
+    """Download a base VM as a package (.cbase) another cloudlet can import."""
+
+    def get_parser(self, prog_name: str) -> Any:
+        parser = super().get_parser(prog_name)
+        parser.add_argument("base", metavar="<base>", help="base (name or id)")
+        parser.add_argument(
+            "--file", metavar="<file>", required=True, help="where to write it ('-': stdout)"
+        )
+        return parser
+
+    def take_action(self, args: Any) -> None:
+        client = self.app.client_manager.cloudlet
+        base = client.find_base(args.base)
+        common.download(args.file, lambda out, progress: client.export_base(base, out, progress))
 
 
 class ImportBase(command.ShowOne):

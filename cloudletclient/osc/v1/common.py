@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from openstack import exceptions as sdk_exceptions
@@ -96,3 +98,23 @@ def find_server(app: Any, name_or_id: str) -> str:
         return compute.find_server(name_or_id, ignore_missing=False).id
     except sdk_exceptions.ResourceNotFound:
         raise exceptions.CommandError(f"no server with id or name {name_or_id!r}") from None
+
+
+def download(path: str, fetch: Callable[[Any, Any], Any]) -> None:
+    """Run fetch(output, progress) into `path` ('-': stdout) through `path`.part, renamed when
+    complete: never a partial file under the name asked for."""
+    if path == "-":
+        fetch(sys.stdout.buffer, None)
+        return
+    line = ProgressLine()
+    tmp = f"{path}.part"
+    try:
+        with open(tmp, "wb") as out:
+            fetch(out, line.bytes)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        line.end()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 from osc_lib.command import command
@@ -81,21 +79,9 @@ class DownloadOverlay(command.Command):
     def take_action(self, args: Any) -> None:
         client = self.app.client_manager.cloudlet
         overlay = client.find_overlay(args.overlay)
-        line = common.ProgressLine()
-        if args.file == "-":
-            client.download_overlay(overlay, sys.stdout.buffer)
-            return
-        tmp = f"{args.file}.part"
-        try:
-            with open(tmp, "wb") as out:
-                client.download_overlay(overlay, out, progress=line.bytes)
-            os.replace(tmp, args.file)  # never a partial file under the name asked for
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        finally:
-            line.end()
+        common.download(
+            args.file, lambda out, progress: client.download_overlay(overlay, out, progress)
+        )
 
 
 class CreateOverlay(command.ShowOne):
