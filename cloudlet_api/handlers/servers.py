@@ -6,14 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import oslo_messaging as messaging
-from oslo_log import log as logging
+from nova import exception as nova_exception
 
 from cloudlet_api import errors, rpc
 from cloudlet_api.clients import HOST_ATTR
 from cloudlet_api.context import Request
-from cloudlet_api.tasks import Task
-
-LOG = logging.getLogger(__name__)
+from cloudlet_api.tasks import FAILED, Task
 
 
 def start_on_host(
@@ -37,25 +35,21 @@ def start_on_host(
     )
     try:
         send(rpc.nova_context(ctx), host, task.id)
+    except nova_exception.NovaException as e:  # refused before it started (state, base, ...)
+        _fail(req, task, e.format_message())
+        # a server in the wrong state is a conflict, as Nova's API answers it
+        status = 409 if isinstance(e, nova_exception.InstanceInvalidState) else e.code
+        error = {400: errors.BadRequest, 404: errors.NotFound}.get(status, errors.Conflict)
+        raise error(f"compute host {host} refused: {e.format_message()}") from None
     except messaging.RemoteError as e:
         _fail(req, task, e.value)
         raise errors.BadGateway(f"compute host {host} failed: {e.value}") from None
     except messaging.MessagingException as e:
         _fail(req, task, str(e))
         raise errors.BadGateway(f"compute host {host} did not answer: {e}") from None
-    except Exception as e:
-        # nova exceptions the host raised before starting (wrong state, no base, ...)
-        from nova import exception as nova_exception
-
-        if not isinstance(e, nova_exception.NovaException):
-            raise
-        _fail(req, task, e.format_message())
-        status = getattr(e, "code", 500)
-        kind_error = {400: errors.BadRequest, 404: errors.NotFound}.get(status, errors.Conflict)
-        raise kind_error(f"compute host {host} refused: {e.format_message()}") from None
     return task
 
 
 def _fail(req: Request, task: Task, reason: str) -> None:
-    task.state, task.error = "failed", reason
+    task.state, task.error = FAILED, reason
     req.service.tasks.save(task)

@@ -477,6 +477,7 @@ class ComputeHost:
         self.host = host
         self.requests: list[tuple[str, Any, Any]] = []
         self.tasks: dict[str, Any] = {}
+        self.refuse: dict[str, Exception] = {}  # instance uuid -> what the host raises
         target = messaging.Target(topic=TOPIC, server=host, version=RPC_API_VERSION)
         serializer = nova_rpc.RequestContextSerializer(CloudletObjectSerializer())
         self.server = messaging.get_rpc_server(
@@ -488,6 +489,8 @@ class ComputeHost:
         from cloudlet_nova.objects import CloudletTask
 
         self.requests.append((method, ctxt, request))
+        if request.instance_uuid in self.refuse:
+            raise self.refuse[request.instance_uuid]
         task = CloudletTask.start(
             request.task_id, kind, self.host, instance_uuid=request.instance_uuid
         )

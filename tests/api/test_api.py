@@ -247,6 +247,20 @@ def test_capture_of_a_stopped_server_is_409(api: API) -> None:
     assert len(api.host.requests) == sent
 
 
+def test_a_hosts_refusal_is_the_callers_error_and_fails_the_task(api: API) -> None:
+    from nova import exception as nova_exception
+
+    server = objects.server(api, PROJECT_A)
+    api.host.refuse[server] = nova_exception.InstanceInvalidState(
+        attr="vm_state", instance_uuid=server, state="paused", method="capture"
+    )
+    resp = api.call("member", "POST", "/overlays", json={"server_id": server, "name": "app"})
+    assert resp.status_code == 409
+    assert "refused" in detail(resp) and "paused" in detail(resp)
+    failed = api.call("reader", "GET", "/tasks?kind=capture-overlay&state=failed").json()
+    assert any(t["server_id"] == server and "paused" in t["error"] for t in failed["tasks"])
+
+
 def test_synthesis_is_a_server_create_from_the_overlay(api: API) -> None:
     overlay = objects.overlay(api, PROJECT_A)
     resp = api.call(
