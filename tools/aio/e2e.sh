@@ -5,9 +5,10 @@
 # API exists the images cloudlet-manage publishes belong to the admin's project: the operator
 # hands a base's and an overlay's images to A (`openstack image set --project`). A member of
 # project B (`alt_demo`) can neither see nor boot A's private base and overlay images.
-#   the operator registers an engine package (.cbase, made with the standalone `cloudlet base create` + `base
-#   export`) twice: the second uploads nothing. It is not booted: a base Nova resumes must have
-#   been saved with Nova's device set (docs/nova.md), which a standalone base was not.
+#   the operator registers an engine package (.cbase, made with the standalone `cloudlet base
+#   create` + `base export`, put in [cloudlet] base_import_dir) twice: the second uploads
+#   nothing. It is not booted: a base Nova resumes must have been saved with Nova's device set
+#   (docs/nova.md), which a standalone base was not.
 #   -> the test guest as Glance images (kernel, ramdisk, raw disk) -> a plain server boots it
 #   -> `cloudlet-manage base create` makes a base VM of that running server
 #   -> boot from the base (resumed: no boot on the console, uptime continues from the snapshot)
@@ -83,14 +84,16 @@ give_to_a() {  # CLOUDLET-MANAGE OUTPUT: its images become project A's (private)
     local id
     for id in $(awk '/_image /{print $2}' "$1"); do
         $OA image set --project demo --private "$id"
-        [ "$($O image show "$id" -f value -c visibility)" = private ] || die "A cannot see image $id"
+        [ "$($O image show "$id" -f value -c visibility)" = private ] || \
+            die "A cannot see image $id"
     done
 }
 refused_to_b() {  # IMAGE...: B neither sees nor boots them, through OSC and Nova's API
     local id token code
     for id in "$@"; do
         $OB image show "$id" > "$E/b.out" 2>&1 && die "project B sees A's private image $id"
-        grep -qi "no image found\|not found" "$E/b.out" || die "B's image show $id: $(cat "$E/b.out")"
+        grep -qi "no image found\|not found" "$E/b.out" || \
+            die "B's image show $id: $(cat "$E/b.out")"
     done
     $OB server create --flavor "$FLAVOR" --image "$1" --nic none vm-b > "$E/b.out" 2>&1 \
         && die "project B booted A's private image $1"

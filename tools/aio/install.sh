@@ -34,6 +34,8 @@ step "apt packages"
 "$V/pip" install -q --upgrade pip
 "$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "$AIO_REPO[nova]"
 step "pip install (venv $AIO_VENV)"
-installed=$(cd / && "$V/python" -c 'import cloudlet_nova, os; print(os.path.dirname(os.path.dirname(cloudlet_nova.__file__)))')
-[ "$installed" = "$AIO_REPO" ] || die "the venv's cloudlet_nova is $installed, not this checkout's ($AIO_REPO)"
+installed=$(cd / && "$V/python" -c 'import cloudlet_nova, os
+print(os.path.dirname(os.path.dirname(cloudlet_nova.__file__)))')
+[ "$installed" = "$AIO_REPO" ] || \
+    die "the venv's cloudlet_nova is $installed, not this checkout's ($AIO_REPO)"
 stamp_now > "$AIO_DIR/.installed"

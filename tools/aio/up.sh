@@ -82,7 +82,7 @@ if $NEW; then
         --bootstrap-public-url http://127.0.0.1:5000/v3/ --bootstrap-region-id RegionOne 2>/dev/null
 fi
 ensure keystone
-"$V/python" "$AIO_TOOLS/setup_keystone.py"
+if $NEW; then "$V/python" "$AIO_TOOLS/setup_keystone.py"; fi
 step "keystone"
 
 if $NEW; then
@@ -98,10 +98,12 @@ fi
 for s in placement glance nova-api neutron-standin nova-conductor nova-scheduler nova-compute; do
     ensure "$s"
 done
-registered() { local hosts; hosts=$($NM cell_v2 list_hosts 2>/dev/null); [[ $hosts == *" aio "* ]]; }
+registered() {  # (not a pipe into grep -q: with pipefail, nova-manage's SIGPIPE fails it)
+    local hosts; hosts=$($NM cell_v2 list_hosts 2>/dev/null); [[ $hosts == *" aio "* ]]
+}
 for _ in $(seq 1 90); do
-    $NM cell_v2 discover_hosts >/dev/null 2>&1
     registered && break
+    $NM cell_v2 discover_hosts >/dev/null 2>&1
     service_alive nova-compute || die "nova-compute died: see $A/logs/nova-compute.out and .log"
     sleep 2
 done
