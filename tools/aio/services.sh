@@ -55,7 +55,8 @@ uwsgi_start() {  # NAME PORT MODULE ENV=VALUE...
         --need-app --buffer-size 65535 --http-chunked-input --http-raw-body --http-auto-chunked \
         --add-header 'Connection: close' --chunked-input-limit 4194304 --chunked-input-timeout 60 \
         --socket-timeout 60 --pidfile "$A/state/$name.pid" >> "$A/logs/$name-uwsgi.log" 2>&1 &
-    for _ in $(seq 1 120); do
+    local deadline=$((SECONDS + 60))
+    while [ $SECONDS -lt $deadline ]; do
         curl -s -o /dev/null "http://127.0.0.1:$port/" && return 0
         sleep 0.5
         [ -f "$A/state/$name.pid" ] && ! alive "$(pidof_service "$name")" && break  # gave up
@@ -83,7 +84,8 @@ start_service() {  # NAME (the stack's files exist: up.sh made them)
               HOME=/var/lib/rabbitmq setsid nohup su rabbitmq -s /bin/sh \
               -c /usr/lib/rabbitmq/bin/rabbitmq-server > "$A/logs/rabbitmq.out" 2>&1 &
               echo $! > "$A/state/rabbitmq.pid")
-            for _ in $(seq 1 60); do
+            local deadline=$((SECONDS + 60))
+            while [ $SECONDS -lt $deadline ]; do
                 rabbitmqctl -q -n rabbit@localhost status >/dev/null 2>&1 && break; sleep 1
             done
             rabbitmqctl -q -n rabbit@localhost add_user openstack ospass >/dev/null 2>&1 || true

@@ -101,10 +101,12 @@ done
 registered() {  # (not a pipe into grep -q: with pipefail, nova-manage's SIGPIPE fails it)
     local hosts; hosts=$($NM cell_v2 list_hosts 2>/dev/null); [[ $hosts == *" aio "* ]]
 }
-for _ in $(seq 1 90); do
+deadline=$((SECONDS + 180))  # each round runs nova-manage twice: seconds under load
+while [ $SECONDS -lt $deadline ]; do
     registered && break
     $NM cell_v2 discover_hosts >/dev/null 2>&1
     service_alive nova-compute || die "nova-compute died: see $A/logs/nova-compute.out and .log"
+    service_alive libvirtd || die "libvirtd went away (started by another user of this machine)"
     sleep 2
 done
 registered || die "nova-compute did not register within 180 s (see $A/logs/nova-compute.log)"
