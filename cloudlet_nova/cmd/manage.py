@@ -174,9 +174,23 @@ def run(
     return 0
 
 
+def parse_config(argv: list[str]) -> None:
+    """nova.conf or a clear message: without it there is no message bus to reach the hosts."""
+    hint = ("give the compute host's nova.conf with --config-file (the all-in-one's: "
+            "$AIO_NOVA_CONF after `source tools/aio/adminrc`)")  # fmt: skip
+    try:
+        nova_config.parse_args(argv, configure_db=False)
+    except cfg.ConfigFilesNotFoundError as e:
+        raise SystemExit(
+            f"cloudlet-manage: config file not found: {', '.join(e.config_files)}: {hint}"
+        ) from None
+    if not CONF.config_file:
+        raise SystemExit(f"cloudlet-manage: no nova.conf in the default places: {hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     CONF.register_cli_opts(CLI_OPTS)
-    nova_config.parse_args(sys.argv if argv is None else argv, configure_db=False)
+    parse_config(sys.argv if argv is None else argv)
     category = CONF.category
     sess, access = keystone_session()
     server_id = None

@@ -1,8 +1,12 @@
 """cloudlet-manage finds the server an operator names, by id or by unique name.
 
 Nova's API is answered by requests_mock here (the command talks HTTP to nova-api; the
-all-in-one's e2e.sh runs it against a real one).
+all-in-one's e2e.sh runs it against a real one). And a missing nova.conf is a clear error.
 """
+
+import os
+import subprocess
+import sys
 
 import testtools
 from keystoneauth1 import session
@@ -40,3 +44,24 @@ class ResolveServerTest(testtools.TestCase):
         self.http.get(f"{NOVA}/servers?name=%5Evm1%24", json=two)
         err = self.assertRaises(SystemExit, resolve_server, self.sess, "vm1")
         self.assertIn("2 servers are named 'vm1'", str(err))
+
+
+class MissingConfigTest(testtools.TestCase):
+    """An operator who names a nova.conf that is not there gets one clear line, no traceback
+    (run as its own process: the command parses Nova's global configuration)."""
+
+    def test_missing_config_file_is_a_clear_error(self):
+        missing = "/nonexistent/etc/nova/nova.conf"
+        code = (
+            "import sys; from cloudlet_nova.cmd.manage import main; "
+            f"sys.exit(main(['cloudlet-manage', '--config-file', {missing!r}, "
+            "'base', 'create', 'vm1', '--name', 'warm']))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "OS_AUTH_URL": ""},
+        )  # fmt: skip
+        self.assertEqual(1, proc.returncode)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertIn(f"cloudlet-manage: config file not found: {missing}", proc.stderr)
+        self.assertIn("--config-file", proc.stderr)

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Install what the all-in-one needs (Debian packages + its own venv); idempotent: a stamp holds
-# the hash of the inputs and nothing is done when it matches. Never touches the project's .venv.
+# the hash of the inputs, including the path of this checkout (the venv's editable install of
+# cloudlet points at it), and nothing is done when it matches. Never touches the project's .venv.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -12,7 +13,7 @@ PIP_PACKAGES=("nova==34.*" "keystone==30.*" "glance==33.*" "openstack-placement=
 CONSTRAINTS=$AIO_REPO/tools/openstack-constraints.txt
 
 stamp_now() {
-    { printf '%s\n' "${APT_PACKAGES[@]}" "${PIP_PACKAGES[@]}"; cat "$CONSTRAINTS" "$0";
+    { printf '%s\n' "$AIO_REPO" "${APT_PACKAGES[@]}" "${PIP_PACKAGES[@]}"; cat "$CONSTRAINTS" "$0";
       cat "$AIO_REPO/setup.cfg"; } | sha256sum | cut -d' ' -f1
 }
 mkdir -p "$AIO_DIR"
@@ -33,4 +34,8 @@ step "apt packages"
 "$V/pip" install -q --upgrade pip
 "$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "$AIO_REPO[nova]"
 step "pip install (venv $AIO_VENV)"
+installed=$(cd / && "$V/python" -c 'import cloudlet_nova, os
+print(os.path.dirname(os.path.dirname(cloudlet_nova.__file__)))')
+[ "$installed" = "$AIO_REPO" ] || \
+    die "the venv's cloudlet_nova is $installed, not this checkout's ($AIO_REPO)"
 stamp_now > "$AIO_DIR/.installed"

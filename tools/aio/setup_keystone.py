@@ -1,4 +1,5 @@
-"""Keystone catalog of the all-in-one: service project, users and endpoints (idempotent)."""
+"""Keystone of the all-in-one: service project, users and endpoints; two user projects, `demo`
+and `alt_demo`, each with a user of the same name and role member (idempotent)."""
 
 import openstack
 
@@ -16,6 +17,11 @@ for u in ("nova", "glance", "placement", "neutron"):
                                                               domain_id="default")
     for r in ("admin", "service"):
         c.identity.assign_project_role_to_user(project, user, roles[r])
+for name in ("demo", "alt_demo"):  # tools/aio/memberrc; e2e.sh's projects A and B
+    p = c.identity.find_project(name) or c.identity.create_project(name=name, domain_id="default")
+    user = c.identity.find_user(name) or c.identity.create_user(name=name, password=name + "pass",
+                                                                 domain_id="default")
+    c.identity.assign_project_role_to_user(p, user, roles["member"])
 for name, kind, url in (("placement", "placement", "http://127.0.0.1:8778"),
                         ("glance", "image", "http://127.0.0.1:9292"),
                         ("nova", "compute", "http://127.0.0.1:8774/v2.1"),
