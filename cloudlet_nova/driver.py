@@ -55,7 +55,8 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
     @property
     def host_cpu(self) -> hardware.HostCPU:
         arch = self._host.get_capabilities().host.cpu.arch
-        return hardware.HostCPU(self._host.get_connection(), CONF.libvirt.virt_type, arch)
+        return hardware.HostCPU(libvirt_driver.libvirt, self._host.get_connection(),
+                                CONF.libvirt.virt_type, arch)
 
     def init_host(self, host: str) -> None:
         super().init_host(host)

@@ -6,8 +6,8 @@ cpu_mode (host-model) gives every host a different CPU, so a base records the *n
 was saved with, plus its feature flags, in QEMU's `-cpu` syntax (`VMConfig.cpu`, e.g.
 "Westmere" or "Nehalem,+pcid,-vme"), and:
 
-- every domain resumed from it gets exactly that model (`pinned_guest_cpu`, `check='full'`,
-  no fallback), whatever [libvirt] cpu_mode says;
+- every domain resumed from it gets exactly that model and those features (`CpuPin.guest_cpu`:
+  `fallback='forbid'`, `check='partial'`), whatever [libvirt] cpu_mode says;
 - a host that cannot provide it is refused before anything is downloaded (`HostCPU.check`,
   libvirt's virConnectCompareHypervisorCPU for the configured virt_type: a CPU emulated by TCG
   and one passed through by KVM differ);
@@ -100,16 +100,34 @@ class CpuPin:
 
 
 class _PinnedGuestCPU(vconfig.LibvirtConfigGuestCPU):
-    """Nova's guest CPU config never forbids libvirt's fallback to another model nor asks it to
-    check the CPU QEMU really created: a pinned model needs both."""
+    """Nova's guest CPU config cannot forbid libvirt's fallback to another model, which a pinned
+    model needs. The check is 'partial' (libvirt refuses to start a model the host cannot
+    provide), not 'full': QEMU adds features of its own to a named model (hypervisor, arat),
+    identically wherever the model and machine type are the same, and 'full' refuses them."""
 
     def format_dom(self) -> Any:
         cpu = super().format_dom()
-        cpu.set("check", "full")
+        cpu.set("check", "partial")
         model = cpu.find("model")
         if model is not None:
             model.set("fallback", "forbid")
         return cpu
+
+
+def check_domain_cpu(image_id: str, base_id: str, domain_xml: str, cpu: str | None) -> None:
+    """Refuse to restore a snapshot saved on pinned CPU `cpu` into a domain with another CPU.
+    libvirt does not: it resumes a guest saved on one named model into a domain of another
+    without a word (libvirt 9.0, QEMU 7.2), and the guest meets a CPU it never probed."""
+    pin = CpuPin.parse(cpu)
+    if pin is None:
+        return
+    got = CpuPin.from_domain(ElementTree.fromstring(domain_xml).find("cpu"))
+    if got is None or (got.model, set(got.features)) != (pin.model, set(pin.features)):
+        raise errors.RestoreRefused(
+            image_id=image_id, base=base_id[:16],
+            reason=f"its CPU is {got.spec() if got else 'not a named model'}, the snapshot was "
+            f"saved on {pin.spec()}",
+        )  # fmt: skip
 
 
 def model_trait(model: str) -> str:
@@ -128,9 +146,11 @@ def image_properties(cpu: str | None) -> dict[str, str]:
 
 
 class HostCPU:
-    """What CPUs this host's hypervisor can give a guest, asked of libvirt."""
+    """What CPUs this host's hypervisor can give a guest, asked of libvirt (`libvirt`: the
+    module whose connection `conn` is, the real one or Nova's fakelibvirt)."""
 
-    def __init__(self, conn: Any, virt_type: str, arch: str | None) -> None:
+    def __init__(self, libvirt: Any, conn: Any, virt_type: str, arch: str | None) -> None:
+        self.libvirt = libvirt
         self.conn = conn
         self.virt_type = virt_type
         self.arch = arch
@@ -138,8 +158,6 @@ class HostCPU:
     def check(self, image_id: str, cpu: str | None) -> CpuPin | None:
         """The pin of `cpu` when this host can provide it; raises CpuModelUnavailable when it
         cannot, CloudletImageInvalid when `cpu` is malformed. None: nothing pinned."""
-        from nova.virt.libvirt.driver import libvirt
-
         try:
             pin = CpuPin.parse(cpu)
         except ValueError as e:
@@ -152,10 +170,10 @@ class HostCPU:
                 None, self.arch, None, self.virt_type, xml,
                 _FAIL_INCOMPATIBLE,
             )  # fmt: skip
-        except libvirt.libvirtError as e:
+        except self.libvirt.libvirtError as e:
             reason = e.get_error_message()
         else:
-            if result != libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
+            if result != self.libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
                 return pin
             reason = "libvirt: the CPU is incompatible with the host CPU"
         raise errors.CpuModelUnavailable(

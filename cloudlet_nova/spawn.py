@@ -32,7 +32,7 @@ from cloudlet.memory.stream import MemoryLayout, emit_stream
 from cloudlet.overlay.apply import apply_overlay
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.synthesis import check_overlay_fits
-from cloudlet_nova import errors, state
+from cloudlet_nova import errors, hardware, state
 from cloudlet_nova.cache import BaseCache
 from cloudlet_nova.glance import CloudletImage, GlanceImages, Kind
 from cloudlet_nova.hardware import HostCPU
@@ -154,7 +154,9 @@ def create_root_disk(path: Path, st: state.InstanceState, root_gb: int) -> None:
 def restore(conn: Any, xml: str, st: state.InstanceState, instance_dir: Path, flags: int) -> None:
     """Restore the snapshot into the defined domain: a libvirt save file holding Nova's XML for
     this instance and the QEMU stream the engine emits, then virDomainRestoreFlags with the same
-    XML (libvirt's ABI check guards compatibility). The save file is removed afterwards."""
+    XML (libvirt's ABI check guards the devices; the CPU model, which it does not check, is
+    checked here first). The save file is removed afterwards."""
+    hardware.check_domain_cpu(st.image_id, st.base_id, xml, st.cpu)
     work = state.work_dir(instance_dir)
     work.mkdir(mode=0o711, exist_ok=True)
     save_file = work / SAVE_FILE

@@ -41,7 +41,7 @@ class CpuPinTest(CloudletDriverTestBase):
         server = self.boot(images.disk_image)
         [restore] = self.libvirt_fx.restores
         cpu = self.cpu_of(restore.dxml)
-        self.assertEqual(("custom", "exact", "full"),
+        self.assertEqual(("custom", "exact", "partial"),
                          (cpu.get("mode"), cpu.get("match"), cpu.get("check")))
         self.assertEqual("Penryn", cpu.findtext("model"))
         self.assertEqual("forbid", cpu.find("model").get("fallback"))
