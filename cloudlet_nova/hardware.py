@@ -11,8 +11,8 @@ was saved with, plus its feature flags, in QEMU's `-cpu` syntax (`VMConfig.cpu`,
 - a host that cannot provide it is refused before anything is downloaded (`HostCPU.check`,
   libvirt's virConnectCompareHypervisorCPU for the configured virt_type: a CPU emulated by TCG
   and one passed through by KVM differ);
-- hosts report `CUSTOM_CLOUDLET_CPU_<MODEL>` for every model their hypervisor marks usable,
-  and a base's images require that trait, so the scheduler only picks hosts that can.
+- hosts report `CUSTOM_CLOUDLET_CPU_<MODEL>` for every model their hypervisor can run, and a
+  base's images require that trait, so the scheduler only picks hosts that can.
 
 A base that recorded no named model (Nova bases made before pinning record the CPU *mode*, e.g.
 "host-model") keeps Nova's CPU configuration, as before.
@@ -181,9 +181,14 @@ class HostCPU:
         )
 
     def model_traits(self) -> set[str]:
-        """A trait per CPU model the hypervisor marks usable (domain capabilities)."""
+        """A trait per CPU model the hypervisor marks usable, and the model of its host-model
+        CPU (domain capabilities). The latter is often marked unusable as such (under TCG,
+        host-model is "EPYC" with features added and removed), yet it is what every guest
+        started with Nova's default cpu_mode runs on, so bases saved from those guests name it.
+        A trait names a model only: the features a base adds are checked by `check`."""
         caps = ElementTree.fromstring(
             self.conn.getDomainCapabilities(None, self.arch, None, self.virt_type, 0)
         )
-        usable = caps.findall("./cpu/mode[@name='custom']/model[@usable='yes']")
-        return {model_trait(m.text.strip()) for m in usable if m.text}
+        models = caps.findall("./cpu/mode[@name='custom']/model[@usable='yes']")
+        models += caps.findall("./cpu/mode[@name='host-model']/model")
+        return {model_trait(m.text.strip()) for m in models if m.text}

@@ -54,6 +54,13 @@ def test_provided_models_become_traits(host_cpu):
     traits = host_cpu.model_traits()
     assert "CUSTOM_CLOUDLET_CPU_WESTMERE" in traits
     assert "CUSTOM_CLOUDLET_CPU_SKYLAKE_SERVER" not in traits  # avx512 is not emulated
+    caps = ElementTree.fromstring(
+        host_cpu.conn.getDomainCapabilities(None, "x86_64", None, "qemu", 0))
+    host_model = caps.findtext("./cpu/mode[@name='host-model']/model")
+    assert hardware.model_trait(host_model) in traits  # what host-model guests are saved on
+    # and a base saved on it, features and all (as libvirt expands host-model), passes the check
+    saved_on = hardware.CpuPin.from_domain(caps.find("./cpu/mode[@name='host-model']"))
+    assert host_cpu.check("image", saved_on.spec()) == saved_on
 
 
 def _domain_xml(name: str, cpu: str) -> str:
