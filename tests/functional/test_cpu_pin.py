@@ -21,9 +21,10 @@ import pytest
 
 from cloudlet.memory.stream import open_snapshot, parse_stream
 
-QEMU = shutil.which("qemu-system-x86_64")
+QEMU = shutil.which("qemu-system-x86_64")  # the system's: the one libvirtd runs
 pytestmark = [
     pytest.mark.qemu,
+    pytest.mark.libvirt,
     pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
 ]
 libvirt = pytest.importorskip("libvirt")
