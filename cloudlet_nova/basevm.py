@@ -25,7 +25,7 @@ from cloudlet.hashing import file_sha256
 from cloudlet.hypervisor.config import VMConfig
 from cloudlet.memory.stream import open_snapshot, parse_stream
 from cloudlet_nova import conf as cloudlet_conf  # noqa: F401  (registers [cloudlet])
-from cloudlet_nova import glance
+from cloudlet_nova import glance, hardware
 from cloudlet_nova.capture import (
     lock_instance,
     running_instance,
@@ -102,8 +102,9 @@ def publish_base(
         )  # fmt: skip
     try:
         progress.stage("upload disk image", mid + 0.1)
+        disk_properties = glance.base_disk_properties(base.id, memory_id, base.config.get("cpu"))
         _, disk_hash = publisher.upload_verified(
-            base.disk_path, name, glance.base_disk_properties(base.id, memory_id),
+            base.disk_path, name, disk_properties,
             image_id=disk_id, public=public, min_ram=min_ram,
             progress=progress.fraction(mid + 0.1, 0.99),
         )  # fmt: skip
@@ -125,7 +126,7 @@ def vm_config(instance: Any, domain_xml: str, kernel: Path | None, initrd: Path 
         machine=(machine.get("machine") if machine is not None else None) or "pc",
         memory_mib=int(instance.flavor.memory_mb),
         vcpus=int(instance.flavor.vcpus),
-        cpu=(cpu.get("mode") or "custom") if cpu is not None else "default",
+        cpu=_saved_cpu(cpu),
         disk_bus="virtio",
         nic_model=nic.get("type", "none") if nic is not None else "none",
         balloon=balloon is not None and balloon.get("model") == "virtio",
@@ -135,6 +136,15 @@ def vm_config(instance: Any, domain_xml: str, kernel: Path | None, initrd: Path 
         append=root.findtext("./os/cmdline"),
     )
     return config.to_dict()
+
+
+def _saved_cpu(cpu: ET.Element | None) -> str:
+    """The CPU the guest runs on, as VMConfig.cpu: the live XML's named model and features
+    (libvirt expands host-model into them), else the CPU mode as before pinning."""
+    pin = hardware.CpuPin.from_domain(cpu)
+    if pin is not None:
+        return pin.spec()
+    return (cpu.get("mode") or "custom") if cpu is not None else "default"
 
 
 class BaseCreation:

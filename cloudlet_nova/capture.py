@@ -231,7 +231,9 @@ class OverlayCapture:
             build_overlay(base, save, disk, spec, progress.stats, work_dir=work)
             disk.unlink()  # the overlay holds what mattered; free the space before uploading
             progress.stage("upload overlay", 0.7)
-            properties = glance.overlay_properties(base.id, self._base_disk_image())
+            properties = glance.overlay_properties(
+                base.id, self._base_disk_image(), base.config.get("cpu")
+            )
             image_id = Publisher(self.context).upload(
                 overlay, self.request.name, properties, public=self.request.public,
                 min_ram=int(base.config.get("memory_mib", 0)),

@@ -9,8 +9,10 @@ Only these hooks differ from LibvirtDriver (spawn itself is Nova's):
   restores the memory snapshot into it (virDomainRestoreFlags, paused while Nova waits for
   network-vif-plugged events, exactly as Nova would have launched it); a refused restore is an
   instance fault (RestoreRefused), not a reschedule;
-- `_get_guest_config`: a domain resumed from a kernel-booted base boots that base's kernel.
-Plus placement traits for cached bases (`update_provider_tree`) and the RPC endpoint.
+- `_get_guest_config`: a domain resumed from a kernel-booted base boots that base's kernel, and
+  one resumed from a base that pinned a CPU model gets exactly that model (cloudlet_nova.hardware).
+Plus placement traits for cached bases and provided CPU models (`update_provider_tree`) and the
+RPC endpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from oslo_utils import fileutils
 
 from cloudlet_nova import cache as base_cache
 from cloudlet_nova import conf as cloudlet_conf  # noqa: F401  (registers [cloudlet])
-from cloudlet_nova import errors, rpc, spawn, state
+from cloudlet_nova import errors, hardware, rpc, spawn, state
 from cloudlet_nova.glance import GlanceImages
 
 LOG = logging.getLogger(__name__)
@@ -49,6 +51,12 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
             path = CONF.cloudlet.cache_dir or os.path.join(CONF.instances_path, base_cache.DIR_NAME)
             self._cache = base_cache.BaseCache(Path(path))
         return self._cache
+
+    @property
+    def host_cpu(self) -> hardware.HostCPU:
+        arch = self._host.get_capabilities().host.cpu.arch
+        return hardware.HostCPU(libvirt_driver.libvirt, self._host.get_connection(),
+                                CONF.libvirt.virt_type, arch)
 
     def init_host(self, host: str) -> None:
         super().init_host(host)
@@ -84,7 +92,7 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
         created_dir = not instance_dir.exists()
         fileutils.ensure_tree(str(instance_dir))
         try:
-            spawn.prepare(self.cache, glance, image, instance, instance_dir)
+            spawn.prepare(self.cache, glance, image, instance, instance_dir, self.host_cpu)
         except BaseException:
             # a refused image leaves nothing behind (the build is aborted, not rescheduled)
             if created_dir:
@@ -146,19 +154,24 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
                           *args, **kwargs):
         guest = super()._get_guest_config(instance, network_info, image_meta, disk_info, rescue,
                                           *args, **kwargs)
-        if rescue is None and guest.os_kernel is None:
-            self._boot_base_kernel(instance, guest)
+        if rescue is not None:
+            return guest
+        instance_dir = Path(libvirt_utils.get_instance_path(instance))
+        st = state.load(instance_dir)
+        if st is None:
+            return guest
+        if guest.os_kernel is None:
+            self._boot_base_kernel(instance_dir, st, guest)
+        pin = hardware.CpuPin.parse(st.cpu)
+        if pin is not None:  # the CPU the snapshot was saved on, checked in _prepare_cloudlet
+            guest.cpu = pin.guest_cpu(guest.cpu)
         return guest
 
-    def _boot_base_kernel(self, instance: Any, guest: Any) -> None:
+    def _boot_base_kernel(self, instance_dir: Path, st: state.InstanceState, guest: Any) -> None:
         """A base saved from a kernel-booted guest resumes only into a domain booting that same
         kernel (QEMU's direct-boot option ROM is part of the saved hardware), and its disk boots
         only that way: the instance boots the base's kernel, initrd and command line, copied
         into the instance directory under Nova's own names."""
-        instance_dir = Path(libvirt_utils.get_instance_path(instance))
-        st = state.load(instance_dir)
-        if st is None:
-            return
         kernel, initrd = instance_dir / "kernel", instance_dir / "ramdisk"
         base = self.cache.get(st.base_id)
         if not kernel.exists():
@@ -180,8 +193,9 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
     def update_provider_tree(self, provider_tree, nodename, allocations=None):
         super().update_provider_tree(provider_tree, nodename, allocations=allocations)
         wanted = {base_cache.base_trait(b) for b in self.cache.base_ids()}
+        wanted |= self.host_cpu.model_traits()
         have = {t for t in provider_tree.data(nodename).traits
-                if t.startswith(base_cache.TRAIT_PREFIX)}
+                if t.startswith((base_cache.TRAIT_PREFIX, hardware.TRAIT_PREFIX))}
         provider_tree.remove_traits(nodename, *(have - wanted))
         provider_tree.add_traits(nodename, *(wanted - have))
 

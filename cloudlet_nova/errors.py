@@ -48,3 +48,14 @@ class RestoreRefused(CloudletImageUnacceptable):
     msg_fmt = (
         "Base VM %(base)s: the saved hardware does not match this server's domain: %(reason)s"
     )
+
+
+class CpuModelUnavailable(CloudletImageUnacceptable):
+    """The base was saved on a CPU model this host's hypervisor cannot provide: resumed on
+    another CPU the guest could fault, so it is refused before anything is downloaded."""
+
+    # short: Nova keeps 255 characters of a fault message, and libvirt's reason must fit
+    msg_fmt = (
+        "Cloudlet image %(image_id)s needs CPU model %(model)s, which this host (%(virt_type)s) "
+        "cannot provide: %(reason)s"
+    )

@@ -39,7 +39,7 @@ from oslo_log import log as logging
 from cloudlet.basevm.identity import is_base_id
 from cloudlet.basevm.store import CONFIG, INITRD, KERNEL, LAYOUT, MEMORY, BaseVM
 from cloudlet.hashing import READ_SIZE
-from cloudlet_nova import errors
+from cloudlet_nova import errors, hardware
 
 LOG = logging.getLogger(__name__)
 
@@ -97,18 +97,30 @@ class CloudletImage:
     memory_image: str | None = None  # base disk -> memory image
     disk_image: str | None = None  # base memory -> disk image; overlay -> base disk image
     content: ContentHash | None = None
+    cpu: str | None = None  # the base's CPU as announced (hardware.CPU_PROPERTY); a hint
 
 
-def base_disk_properties(base_id: str, memory_image_id: str) -> dict[str, str]:
-    return {TYPE: Kind.BASE_DISK.value, BASE_ID: base_id, MEMORY_IMAGE: memory_image_id}
+def base_disk_properties(
+    base_id: str, memory_image_id: str, cpu: str | None = None
+) -> dict[str, str]:
+    """With `cpu` (the base's VMConfig.cpu), the pin and the trait that schedule it."""
+    return {
+        TYPE: Kind.BASE_DISK.value, BASE_ID: base_id, MEMORY_IMAGE: memory_image_id,
+        **hardware.image_properties(cpu),
+    }  # fmt: skip
 
 
 def base_memory_properties(base_id: str, disk_image_id: str) -> dict[str, str]:
     return {TYPE: Kind.BASE_MEMORY.value, BASE_ID: base_id, DISK_IMAGE: disk_image_id}
 
 
-def overlay_properties(base_id: str, base_disk_image_id: str) -> dict[str, str]:
-    return {TYPE: Kind.OVERLAY.value, BASE_ID: base_id, BASE_DISK_IMAGE: base_disk_image_id}
+def overlay_properties(
+    base_id: str, base_disk_image_id: str, cpu: str | None = None
+) -> dict[str, str]:
+    return {
+        TYPE: Kind.OVERLAY.value, BASE_ID: base_id, BASE_DISK_IMAGE: base_disk_image_id,
+        **hardware.image_properties(cpu),
+    }  # fmt: skip
 
 
 def describe(image: dict[str, Any]) -> CloudletImage | None:
@@ -144,6 +156,7 @@ def describe(image: dict[str, Any]) -> CloudletImage | None:
         memory_image=props[link] if kind is Kind.BASE_DISK else None,
         disk_image=None if kind is Kind.BASE_DISK else props[link],
         content=content_hash(image),
+        cpu=props.get(hardware.CPU_PROPERTY),
     )
 
 

@@ -32,9 +32,10 @@ from cloudlet.memory.stream import MemoryLayout, emit_stream
 from cloudlet.overlay.apply import apply_overlay
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.synthesis import check_overlay_fits
-from cloudlet_nova import errors, state
+from cloudlet_nova import errors, hardware, state
 from cloudlet_nova.cache import BaseCache
 from cloudlet_nova.glance import CloudletImage, GlanceImages, Kind
+from cloudlet_nova.hardware import HostCPU
 
 LOG = logging.getLogger(__name__)
 
@@ -48,14 +49,17 @@ _FAULTS: list[tuple[tuple[type[CloudletError], ...], type[errors.CloudletImageUn
 
 
 def prepare(
-    cache: BaseCache, glance: GlanceImages, image: CloudletImage, instance: Any, instance_dir: Path
+    cache: BaseCache, glance: GlanceImages, image: CloudletImage, instance: Any,
+    instance_dir: Path, host_cpu: HostCPU,
 ) -> state.InstanceState:
     """Make the instance's images ready (base cached, overlay synthesized) and record its state.
 
     `glance` carries the booting user's context: the base is resumed only from Glance images
     that user can read and whose content hashes are proven to hold it (BaseCache.ensure), on
-    every boot. Raises a CloudletImageUnacceptable subclass (an instance fault) on every refusal.
-    """
+    every boot. The base's CPU must be one this host provides (`host_cpu`): checked before any
+    download from what its images announce, then from what the base records. Raises a
+    CloudletImageUnacceptable subclass (an instance fault) on every refusal.
+    """  # fmt: skip
     if image.kind is Kind.BASE_MEMORY:
         raise errors.CloudletImageInvalid(
             image_id=image.image_id,
@@ -63,8 +67,14 @@ def prepare(
             f"{image.disk_image}",
         )
     # with the booting user's context (`glance`): their images, proven to hold the base
-    base = cache.ensure(glance, *glance.base_images(image))
-    snapshot_mb = VMConfig.from_dict(base.config).memory_mib
+    disk_image, memory_image = glance.base_images(image)
+    announced = disk_image.cpu or image.cpu
+    host_cpu.check(image.image_id, announced)
+    base = cache.ensure(glance, disk_image, memory_image)
+    config = VMConfig.from_dict(base.config)
+    if config.cpu != announced:  # the images only announce it: the base's record decides
+        host_cpu.check(image.image_id, config.cpu)
+    snapshot_mb = config.memory_mib
     if instance.flavor.memory_mb != snapshot_mb:
         raise errors.FlavorMemoryMismatch(
             image_id=image.image_id, snapshot_mb=snapshot_mb, flavor_mb=instance.flavor.memory_mb
@@ -80,6 +90,7 @@ def prepare(
         )
     else:
         st = _synthesize(glance, image, base, state.work_dir(instance_dir))
+    st.cpu = config.cpu
     state.save(instance_dir, st)
     return st
 
@@ -143,7 +154,9 @@ def create_root_disk(path: Path, st: state.InstanceState, root_gb: int) -> None:
 def restore(conn: Any, xml: str, st: state.InstanceState, instance_dir: Path, flags: int) -> None:
     """Restore the snapshot into the defined domain: a libvirt save file holding Nova's XML for
     this instance and the QEMU stream the engine emits, then virDomainRestoreFlags with the same
-    XML (libvirt's ABI check guards compatibility). The save file is removed afterwards."""
+    XML (libvirt's ABI check guards the devices; the CPU model, which it does not check, is
+    checked here first). The save file is removed afterwards."""
+    hardware.check_domain_cpu(st.image_id, st.base_id, xml, st.cpu)
     work = state.work_dir(instance_dir)
     work.mkdir(mode=0o711, exist_ok=True)
     save_file = work / SAVE_FILE

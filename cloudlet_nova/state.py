@@ -29,6 +29,7 @@ class InstanceState:
     memory: str  # flat memory image to restore from
     layout: str  # its memory.layout
     restore_pending: bool = True  # False once the guest has been restored: reboots cold-boot
+    cpu: str | None = None  # the base's VMConfig.cpu: a named model pins the domain's CPU
     version: int = VERSION
 
 

@@ -40,6 +40,7 @@ MiB = 1 << 20
 PAGE = 4096
 MEMORY_MIB = 4  # the snapshot's RAM; flavors booting it need exactly this
 _MACHINE = b"pc-i440fx-7.2"
+HOST_CPU = "Penryn"  # fakelibvirt's host CPU model: the one its compareHypervisorCPU accepts
 _SID = 2
 
 
@@ -67,9 +68,11 @@ def _write_pages(path: Path, pages: dict[int, bytes]) -> None:
             f.write(data)
 
 
-def make_base(home: CloudletHome, seed: int = 0, append: str | None = None) -> BaseVM:
-    """A small real base VM (1 MiB disk, 4 MiB + BIOS memory) registered in `home`; with
-    `append`, a kernel-booted one (a stand-in kernel and initrd, that command line)."""
+def make_base(home: CloudletHome, seed: int = 0, append: str | None = None,
+              cpu: str = HOST_CPU) -> BaseVM:
+    """A small real base VM (1 MiB disk, 4 MiB + BIOS memory) registered in `home`, saved on
+    CPU `cpu` (default: fakelibvirt's host model); with `append`, a kernel-booted one (a
+    stand-in kernel and initrd, that command line)."""
     rng = np.random.default_rng(seed)
     staging = home.make_staging_dir("test-base-")
     disk = bytearray(MiB)
@@ -80,11 +83,11 @@ def make_base(home: CloudletHome, seed: int = 0, append: str | None = None) -> B
         f.truncate(layout.size)
     _write_pages(staging / "memory.img", {p: rng.bytes(PAGE) for p in (0, 1, 7, 300, 1024)})
     (staging / "memory.layout").write_bytes(layout.to_bytes())
-    config = VMConfig(machine=_MACHINE.decode(), memory_mib=MEMORY_MIB)
+    config = VMConfig(machine=_MACHINE.decode(), memory_mib=MEMORY_MIB, cpu=cpu)
     if append is not None:
         (staging / "kernel").write_bytes(b"stand-in kernel %d" % seed)
         (staging / "initrd").write_bytes(b"stand-in initrd %d" % seed)
-        config = VMConfig(machine=_MACHINE.decode(), memory_mib=MEMORY_MIB, append=append,
+        config = VMConfig(machine=_MACHINE.decode(), memory_mib=MEMORY_MIB, cpu=cpu, append=append,
                           kernel_sha256=file_sha256(staging / "kernel"),
                           initrd_sha256=file_sha256(staging / "initrd"))
     (staging / "vm-config.json").write_text(json.dumps(config.to_dict()))
@@ -140,9 +143,11 @@ class GlanceBase:
 
 def upload_base(glance_fixture: object, base: BaseVM, *, memory_image: str | None = None,
                 disk_data: bytes | None = None, memory_data: bytes | None = None,
-                owner: str = PROJECT_A, visibility: str = "private") -> GlanceBase:
+                owner: str = PROJECT_A, visibility: str = "private",
+                announce_cpu: bool = True) -> GlanceBase:
     """Register `base` in the GlanceFixture as the two images of docs/nova.md, owned by
-    `owner` (the disk's memory link and the data of either image can be replaced)."""
+    `owner` (the disk's memory link and the data of either image can be replaced; without
+    `announce_cpu`, the disk image does not name the base's CPU, as before CPU pinning)."""
     disk_id, memory_id = str(uuid.uuid4()), str(uuid.uuid4())
     base_id = base.id
     bundle = io.BytesIO(memory_data or b"")
@@ -156,7 +161,8 @@ def upload_base(glance_fixture: object, base: BaseVM, *, memory_image: str | Non
     glance_fixture.create(None, {
         "id": disk_id, "name": base.name, "disk_format": "raw", "container_format": "bare",
         "status": "active", "min_ram": 0, "min_disk": 0, "owner": owner, "visibility": visibility,
-        "properties": glance.base_disk_properties(base_id, memory_image or memory_id),
+        "properties": glance.base_disk_properties(base_id, memory_image or memory_id,
+                                                base.config["cpu"] if announce_cpu else None),
     }, data=io.BytesIO(disk_data if disk_data is not None else base.disk_path.read_bytes()))
     return GlanceBase(disk_id, memory_id)
 
