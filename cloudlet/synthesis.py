@@ -59,6 +59,11 @@ class SynthesisSpec:
     allow: AllowList | None = None  # remote URLs the source may be fetched from
     trace_out: Path | None = None  # write the chunk access trace here when the VM stops
 
+    def __post_init__(self) -> None:
+        # resolved where the user named it, before anything runs (FileSource does the same)
+        if self.trace_out is not None:
+            self.trace_out = Path(self.trace_out).absolute()
+
 
 def find_base(home: CloudletHome, base_id: str) -> BaseVM:
     try:
@@ -104,7 +109,7 @@ def prepare_synthesis(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> 
         reader: OverlayReader | None = None
         try:
             stream = source.stream(0)
-            reader = OverlayReader.open(stream)
+            reader = OverlayReader.open(stream, name=source.url)
             _skip_to_frames(stream, reader)
             base = find_base(home, reader.base_id)
             layout = check_overlay_fits(reader, base)

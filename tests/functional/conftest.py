@@ -17,11 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 CUSTOMISE = REPO / "tools" / "demo" / "customize.sh"
 
 
-def cloudlet(home: Path, *args: str, check: bool = True, timeout: float = 600):
+def cloudlet(home: Path, *args: str, check: bool = True, timeout: float = 600,
+             cwd: Path | None = None):
     env = dict(os.environ, CLOUDLET_HOME=str(home))
     done = subprocess.run(
         [sys.executable, "-m", "cloudlet.cli.main", *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -3,6 +3,7 @@ server on 127.0.0.1 (tests/rangeserver.py, which can also slow, cut or corrupt w
 """
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -155,20 +156,25 @@ def test_without_early_start_from_a_url(home_b: Path, overlay: Path, ranges: Ran
 def test_early_start_cli_records_a_trace_that_reorders_the_overlay(
     home_b: Path, overlay: Path, tmp_path: Path
 ):
+    """Relative paths as the README writes them: the overlay is reopened by every demand
+    connection and the trace is written at the end, both after the mount came up."""
     port = free_port()
     trace = tmp_path / "trace.jsonl"
     cloudlet(
         home_b,
         "synthesize",
-        str(overlay),
+        str(Path(os.path.relpath(overlay, tmp_path))),
         "--check-and-exit",
+        "--wait-complete",
         "--trace-out",
-        str(trace),
+        trace.name,
         "-f",
         f"tcp:{port}:80",
         "--check-url",
         f"http://127.0.0.1:{port}/",
+        cwd=tmp_path,
     )
+    assert trace.exists()
     ordered = tmp_path / "ordered.overlay"
     cloudlet(home_b, "overlay", "reorder", str(overlay), "--trace", str(trace), "-o", str(ordered))
     with OverlayReader.open(overlay) as a, OverlayReader.open(ordered) as b:

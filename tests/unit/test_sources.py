@@ -118,6 +118,17 @@ def test_file_source(overlay: Path, payload: bytes, as_url: bool) -> None:
     stream.close()
 
 
+def test_relative_path_still_reopens_after_the_working_directory_changes(
+    overlay: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demand connection clones the source while a FUSE mount has moved the process to /."""
+    monkeypatch.chdir(overlay.parent)
+    with open_source(overlay.name) as src:
+        monkeypatch.chdir("/")
+        with src.clone() as twin:
+            assert twin.read_range(SIZE - 10, 10) == payload[-10:]
+
+
 def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="No such file"):
         open_source(tmp_path / "nope.overlay")
