@@ -13,6 +13,7 @@ class Stage:
     name: str
     seconds: float = 0.0
     bytes: int = 0
+    failed: bool = False  # ended by an exception: never shown as "ok"
 
 
 @dataclass
@@ -21,23 +22,27 @@ class Stats:
 
     stages: dict[str, Stage] = field(default_factory=dict)
     counters: dict[str, int | float | str] = field(default_factory=dict)
-    # told when a stage starts (seconds None) and ends: the CLI's live stage line
-    listener: Callable[[str, float | None], None] | None = None
+    # told when a stage starts (seconds None) and ends, and whether it failed: the CLI's live
+    # stage line
+    listener: Callable[[str, float | None, bool], None] | None = None
 
     @contextmanager
     def stage(self, name: str, nbytes: int = 0) -> Iterator[Stage]:
         st = self.stages.setdefault(name, Stage(name))
         start = time.monotonic()
         if self.listener:
-            self.listener(name, None)
+            self.listener(name, None, False)
+        failed = True
         try:
             yield st
+            failed = False
         finally:
             elapsed = time.monotonic() - start
             st.seconds += elapsed
             st.bytes += nbytes
+            st.failed = st.failed or failed
             if self.listener:
-                self.listener(name, elapsed)
+                self.listener(name, elapsed, failed)
 
     def total_seconds(self) -> float:
         return sum(s.seconds for s in self.stages.values())
@@ -56,7 +61,8 @@ class Stats:
         lines = []
         for s in self.stages.values():
             extra = f"  {human_bytes(s.bytes):>10}" if s.bytes else ""
-            lines.append(f"  {s.name:<{width}}  {s.seconds:8.2f} s{extra}")
+            failed = "  FAILED" if s.failed else ""
+            lines.append(f"  {s.name:<{width}}  {s.seconds:8.2f} s{extra}{failed}")
         lines.append(f"  {'total':<{width}}  {self.total_seconds():8.2f} s")
         for k, v in self.counters.items():
             lines.append(f"  {k:<{width}}  {v}")
@@ -117,7 +123,8 @@ class Progress:
 
 
 class StageLine:
-    """Shows which stage is running: `... boot until ready` then `ok  boot until ready  8.9 s`.
+    """Shows which stage is running: `... boot until ready` then `ok  boot until ready  8.9 s`
+    (or `FAILED boot until ready  8.9 s`: the error follows).
 
     On a terminal the running line is rewritten in place; in logs each end gets its own line.
     """
@@ -126,10 +133,12 @@ class StageLine:
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
 
-    def __call__(self, name: str, seconds: float | None) -> None:
+    def __call__(self, name: str, seconds: float | None, failed: bool = False) -> None:
         if seconds is None:
             if self.tty:
                 self.out.write(f"\r\033[K... {name}")
         else:
-            self.out.write(("\r\033[K" if self.tty else "") + f"ok  {name}  {seconds:.2f} s\n")
+            outcome = "FAILED" if failed else "ok "
+            line = f"{outcome} {name}  {seconds:.2f} s\n"
+            self.out.write(("\r\033[K" if self.tty else "") + line)
         self.out.flush()

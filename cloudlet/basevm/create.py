@@ -29,6 +29,7 @@ from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions
 
 LOG = logging.getLogger(__name__)
+SECTOR = 512  # a raw disk is whole sectors
 
 
 @dataclass
@@ -136,6 +137,12 @@ def copy_disk_as_raw(src: Path, dest: Path) -> None:
     if fmt != "raw":
         convert_to_raw(src, fmt, dest)
         return
+    size = src.stat().st_size
+    if size == 0 or size % SECTOR:
+        raise BaseVMError(
+            f"{src} is not a disk image: {size} bytes is not a whole number of {SECTOR}-byte "
+            "sectors (raw and qcow2 images are)"
+        )
     try:
         clone_sparse(src, dest)
     except OSError as e:

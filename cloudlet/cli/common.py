@@ -6,8 +6,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
-from cloudlet.errors import GuestTimeout
+from cloudlet.errors import CloudletError, GuestTimeout
 from cloudlet.hypervisor.qemu import Forward
 from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions
@@ -45,6 +46,16 @@ def print_stats(title: str, stats: Stats, as_json: bool = False) -> None:
     else:
         print(title)
         print(stats.render())
+
+
+def read_user_file(path: Path, what: str) -> str:
+    """A text file the user named, or a CloudletError that names it and why it cannot be read."""
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise CloudletError(f"cannot read {what} {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise CloudletError(f"{what} {path} is not text ({e.reason} at byte {e.start})") from e
 
 
 def wait_for_enter(prompt: str) -> None:
