@@ -58,6 +58,7 @@ class SynthesisSpec:
     fetch_deadline: float = 60.0  # a read of a missing chunk waits at most this long
     allow: AllowList | None = None  # remote URLs the source may be fetched from
     trace_out: Path | None = None  # write the chunk access trace here when the VM stops
+    id: str | None = None  # what logs and status call it (a server passes its own); default new
 
     def __post_init__(self) -> None:
         # resolved where the user named it, before anything runs (FileSource does the same)
@@ -150,7 +151,8 @@ class _FSSink:
         pass  # write_chunks already woke the readers of that frame's chunks
 
     def abort(self, error: BaseException) -> None:
-        self._fs.fail(error)
+        # the synthesis fails cloudletfs with it, unless the owner is stopping it: a pipeline
+        # cut short by a normal stop is no failure to report
         self._on_abort(error)
 
     def commit(self) -> None:
@@ -171,7 +173,7 @@ class Synthesis:
         layout: MemoryLayout,
         stats: Stats,
     ) -> None:
-        self.id = secrets.token_hex(8)
+        self.id = spec.id or secrets.token_hex(8)
         self.home, self.spec, self.base, self.stats = home, spec, base, stats
         self.source, self._stream, self.reader, self.layout = source, stream, reader, layout
         self.vm: QemuVM | None = None

@@ -180,14 +180,18 @@ def run_remote(home: CloudletHome, args: argparse.Namespace) -> int:
 
 def _follow(client: ServerClient, status: dict, args: argparse.Namespace, start: float) -> int:
     synthesis_id = status["id"]
-    status = _wait_for(client, synthesis_id, ("running", "complete"), args.timeout)
+    # one progress line for every wait: the server counts bytes from the request on, so must
+    # its rate (a line per wait divided all bytes so far by the last wait's seconds)
+    line = Progress("synthesis", None)
+    line.start = start
+    status = _wait_for(client, synthesis_id, ("running", "complete"), args.timeout, line)
     if args.check_url:
         for url in args.check_url:
             body = wait_for_url(url, args.timeout)
             if not args.json:
                 print(f"{url} answered: {body.strip()[:200]}")
     first = time.monotonic() - start
-    status = _wait_for(client, synthesis_id, ("complete",), args.timeout)
+    status = _wait_for(client, synthesis_id, ("complete",), args.timeout, line)
     stats = _stats_of(status)
     if args.check_url:
         stats.counters["first response after"] = f"{first:.2f} s"
@@ -208,11 +212,14 @@ def _follow(client: ServerClient, status: dict, args: argparse.Namespace, start:
 
 
 def _wait_for(
-    client: ServerClient, synthesis_id: str, states: tuple[str, ...], timeout: float
+    client: ServerClient,
+    synthesis_id: str,
+    states: tuple[str, ...],
+    timeout: float,
+    line: Progress,
 ) -> dict:
-    """Poll until the synthesis reaches one of `states`, with a live progress line."""
+    """Poll until the synthesis reaches one of `states`, showing progress on `line`."""
     deadline = time.monotonic() + timeout
-    line = Progress("synthesis", None)  # created now: its rate counts from the request on
     shown = False
     while True:
         status = client.status(synthesis_id)

@@ -47,8 +47,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--check-and-exit",
         action="store_true",
-        help="stop the VM once it is resumed (and --check-url answered) instead of "
-        "keeping it running until Ctrl-C",
+        help="check, then stop the VM: succeeds only if the guest resumed, every --check-url "
+        "answered and the whole overlay arrived and verified (instead of running until Ctrl-C)",
     )
     p.add_argument(
         "--check-url",
@@ -62,7 +62,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--wait-complete",
         action="store_true",
         help="early start: also wait until the whole overlay has arrived and been verified "
-        "before the checks end",
+        "before the checks end (always so with --check-and-exit)",
     )
     p.add_argument("--json", action="store_true", help="print statistics as JSON")
     add_vm_host_options(p)
@@ -93,7 +93,7 @@ def _run(home: CloudletHome, args: argparse.Namespace) -> int:
                 stats.counters["first response after"] = f"{time.monotonic() - start:.2f} s"
             if not args.json:
                 print(f"{url} answered: {body.strip()[:200]}")
-        if args.wait_complete or not args.early_start:
+        if args.wait_complete or args.check_and_exit or not args.early_start:
             with stats.stage("rest of the overlay"):
                 synth.wait_complete(args.timeout)
         if not args.json:

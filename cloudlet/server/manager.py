@@ -111,6 +111,7 @@ class Job:
                 early_start=self.options.early_start,
                 fetch_deadline=self.options.fetch_deadline,
                 allow=self._manager.allow,
+                id=self.id,  # one id in the server's log and its API
             )
             synth = self._manager.prepare(self._manager.home, spec, self.stats)
             with self._lock:

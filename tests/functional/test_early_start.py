@@ -3,6 +3,7 @@ server on 127.0.0.1 (tests/rangeserver.py, which can also slow, cut or corrupt w
 """
 
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -130,6 +131,37 @@ def test_corrupt_frame_mid_stream_is_caught_by_its_digest(
     assert_clean(home_b)
 
 
+def test_check_and_exit_fails_when_the_last_frame_is_corrupt(
+    home_b: Path, overlay: Path, ranges: RangeServer
+):
+    """The guest may answer before the last frame arrives: a check run still fails, naming the
+    overlay by its URL, and prints no success."""
+    with OverlayReader.open(overlay) as reader:
+        last = reader.frames[-1]
+    ranges.faults.corrupt_at = last.offset + last.length // 2
+    port = free_port()
+    url = ranges.url(overlay.name)
+    done = cloudlet(home_b, "synthesize", url, "--check-and-exit", "-f", f"tcp:{port}:80",
+                    "--check-url", f"http://127.0.0.1:{port}/", check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"overlay {url}: frame {last.index}" in done.stderr
+    assert "fails its sha256" in done.stderr
+    assert "VM synthesized" not in done.stdout
+    assert_clean(home_b)
+
+
+def test_stopping_while_the_overlay_streams_reports_no_failure(
+    home_b: Path, overlay: Path, ranges: RangeServer, caplog: pytest.LogCaptureFixture
+):
+    ranges.faults.rate = overlay.stat().st_size / 30  # still streaming when the user stops
+    port = free_port()
+    with synthesize(CloudletHome(home_b), spec_for(ranges, overlay, (port, 80)), Stats()) as synth:
+        assert "hello from the cloudlet overlay" in http_get(port)
+        assert synth.status()["state"] == "running"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert_clean(home_b)
+
+
 def test_without_early_start_from_a_url(home_b: Path, overlay: Path, ranges: RangeServer):
     port = free_port()
     started = time.monotonic()
@@ -160,7 +192,7 @@ def test_early_start_cli_records_a_trace_that_reorders_the_overlay(
     connection and the trace is written at the end, both after the mount came up."""
     port = free_port()
     trace = tmp_path / "trace.jsonl"
-    cloudlet(
+    done = cloudlet(
         home_b,
         "synthesize",
         str(Path(os.path.relpath(overlay, tmp_path))),
@@ -175,6 +207,7 @@ def test_early_start_cli_records_a_trace_that_reorders_the_overlay(
         cwd=tmp_path,
     )
     assert trace.exists()
+    assert "ERROR" not in done.stderr and "Ignoring invalid" not in done.stderr
     ordered = tmp_path / "ordered.overlay"
     cloudlet(home_b, "overlay", "reorder", str(overlay), "--trace", str(trace), "-o", str(ordered))
     with OverlayReader.open(overlay) as a, OverlayReader.open(ordered) as b:

@@ -143,6 +143,8 @@ def test_upload_synthesis_answers_then_delete_cleans_up(server: Served, overlay:
     server.client.delete(created["id"])
     assert server.client.request("GET", "/v1/syntheses") == {"syntheses": []}
     assert_clean(server.home)
+    # one synthesis, one id: the engine's own log lines use the id the API gave
+    assert f"synthesis {created['id']}: overlay complete and verified" in server.log.read_text()
 
 
 def test_url_synthesis_from_a_range_server(server: Served, overlay: Path, ranges: RangeServer):
