@@ -66,6 +66,8 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
     for p in (spec.kernel, spec.initrd):
         if p is not None and not p.is_file():
             raise BaseVMError(f"{p} does not exist")
+    if ready.port is not None:
+        spec.host.check_forwarded(ready.port, f"--ready-port {ready.port}")
     staging = home.make_staging_dir("base-")
     run_dir = home.new_run_dir("base")
     try:

@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,16 @@ def print_stats(title: str, stats: Stats, as_json: bool = False) -> None:
     else:
         print(title)
         print(stats.render())
+
+
+def check_url_reachable(url: str, host: HostOptions) -> None:
+    """A --check-url on this machine must reach the guest through one of the run's forwards."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CloudletError(f"--check-url {url}: expected an http(s):// URL")
+    if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host.check_forwarded(port, f"--check-url {url}")
 
 
 def read_user_file(path: Path, what: str) -> str:

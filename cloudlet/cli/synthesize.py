@@ -9,7 +9,13 @@ import signal
 import time
 from pathlib import Path
 
-from cloudlet.cli.common import add_vm_host_options, host_options, print_stats, wait_for_url
+from cloudlet.cli.common import (
+    add_vm_host_options,
+    check_url_reachable,
+    host_options,
+    print_stats,
+    wait_for_url,
+)
 from cloudlet.cli.remote import add_remote_options, run_remote
 from cloudlet.home import CloudletHome
 from cloudlet.sources import AllowList
@@ -73,10 +79,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
 def _run(home: CloudletHome, args: argparse.Namespace) -> int:
     if args.server:
         return run_remote(home, args)
+    host = host_options(args)
+    for url in args.check_url:
+        check_url_reachable(url, host)
     stats = Stats(listener=StageLine())
     spec = SynthesisSpec(
         source=args.overlay,
-        host=host_options(args),
+        host=host,
         timeout=args.timeout,
         early_start=args.early_start,
         fetch_deadline=args.fetch_deadline,

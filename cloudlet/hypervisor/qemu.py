@@ -391,7 +391,7 @@ class QemuVM:
                 raise HypervisorError(f"QEMU did not create {self.qmp.path}: {self._log_tail()}")
             time.sleep(0.02)
         try:
-            self.qmp.connect(max(1.0, deadline - time.monotonic()))
+            self.qmp.connect(max(1.0, deadline - time.monotonic()), check=self._check_alive)
         except HypervisorError:
             self._check_alive()
             raise
@@ -473,10 +473,8 @@ class QemuVM:
     def _check_alive(self) -> None:
         code = self.proc.poll()
         if code is not None:
-            raise HypervisorError(
-                f"QEMU (pid {self.proc.pid}) exited with status {code}; "
-                f"{self.run_dir / 'qemu.log'} ends: {self._log_tail()}"
-            )
+            # QEMU's own words, not the log's path: a failed run's directory is removed
+            raise HypervisorError(f"QEMU exited with status {code}: {self._log_tail()}")
 
     def _qmp(self, command: str, arguments: dict[str, Any] | None = None, **kw: Any) -> Any:
         """A QMP command; if QEMU died meanwhile, say so (with its log) instead."""
@@ -764,7 +762,11 @@ class QemuVM:
         while port is not None and not _port_answers(port, probe, min(2.0, timeout)):
             self._check_alive()
             if time.monotonic() > deadline:
-                raise GuestTimeout(f"nothing in the guest answered on host port {port} in time")
+                tail = self.console_output()[-500:]
+                raise GuestTimeout(
+                    f"nothing in the guest answered on host port {port} within {timeout:.0f} s; "
+                    f"console ends: {tail!r}"
+                )
             time.sleep(0.05)
         return time.monotonic() - started
 

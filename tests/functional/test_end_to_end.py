@@ -172,6 +172,24 @@ def test_missing_disk_is_refused(tmp_path: Path):
     assert "nope.raw" in done.stderr and "does not exist" in done.stderr
 
 
+def test_ready_port_timeout_quotes_the_console(tmp_path: Path, test_guest: Path):
+    """A guest whose service never answers (here: nothing listens on guest port 81) fails with
+    what its console said, as a --ready-marker timeout does; nothing is registered."""
+    g = json.loads((test_guest / "guest.json").read_text())
+    port = free_port()
+    home = tmp_path / "home"
+    done = cloudlet(home, "base", "create", str(test_guest / g["disk"]),
+                    "--kernel", str(test_guest / g["kernel"]),
+                    "--initrd", str(test_guest / g["initrd"]), "--append", g["append"],
+                    "--memory", str(g["memory_mib"]), "--ready-port", str(port),
+                    "-f", f"tcp:{port}:81", "--timeout", "45", check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"nothing in the guest answered on host port {port} within 45 s" in done.stderr
+    assert "console ends: " in done.stderr and "guest# " in done.stderr  # the guest's shell
+    assert BaseStore(CloudletHome(home)).list() == []
+    assert leftovers(home) == []
+
+
 def test_killed_synthesis_leaves_no_vm_and_is_cleaned_up(home_b: Path, overlay: Path):
     env = dict(os.environ, CLOUDLET_HOME=str(home_b))
     proc = subprocess.Popen(

@@ -105,3 +105,35 @@ def test_export_package_still_imports(tmp_path: Path) -> None:
     store.add_from_directory(make_base_dir(tmp_path / "staging"), "web")
     package = export_base(store, "web", tmp_path / "web.cbase")
     assert main(["--home", str(tmp_path / "b"), "base", "import", str(package)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["synthesize", "app.overlay", "--check-url", "http://127.0.0.1:{port}/"],
+         "--check-url http://127.0.0.1:{port}/ waits on host port {port}"),
+        (["synthesize", "app.overlay", "-f", "tcp:{other}:80", "--check-url",
+          "http://localhost:{port}/x"], "--forward tcp:{port}:GUEST_PORT"),
+        (["base", "create", "{disk}", "--ready-port", "{port}"],
+         "--ready-port {port} waits on host port {port}"),
+    ],
+)
+def test_waits_on_unforwarded_ports_are_refused_up_front(
+    argv: list[str], words: str, home: list[str], tmp_path: Path, capsys
+) -> None:
+    """Such a wait could only end at its --timeout (10 minutes by default)."""
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(4096))
+    fill = {"port": 18080, "other": 18081, "disk": disk}
+    err = error_of([*home, *(a.format(**fill) for a in argv)], capsys)
+    assert words.format(**fill) in err
+    assert BaseStore(CloudletHome(tmp_path / "home")).list() == []
+
+
+def test_forwards_given_to_qemu_directly_count(home: list[str], tmp_path: Path, capsys) -> None:
+    """A hostfwd passed after `--` reaches the guest too: the check lets it through (and the
+    command then fails only for the missing overlay)."""
+    argv = ["synthesize", "nosuch.overlay", "--check-url", "http://127.0.0.1:18080/", "--",
+            "-netdev", "user,id=n1,hostfwd=tcp:127.0.0.1:18080-:80"]
+    err = error_of([*home, *argv], capsys)
+    assert "cannot open overlay" in err
