@@ -18,10 +18,14 @@ class Stage:
 
 @dataclass
 class Stats:
-    """Ordered stage timings plus free-form counters, printed by the CLI and kept in overlays."""
+    """Ordered stage timings plus counters, printed by the CLI and kept in overlays.
+
+    Counters are numbers (a unit, if any, ends the name: "first response after s"), so that
+    --json output is numbers a script can compare, not text to parse.
+    """
 
     stages: dict[str, Stage] = field(default_factory=dict)
-    counters: dict[str, int | float | str] = field(default_factory=dict)
+    counters: dict[str, int | float] = field(default_factory=dict)
     # told when a stage starts (seconds None) and ends, and whether it failed: the CLI's live
     # stage line
     listener: Callable[[str, float | None, bool], None] | None = None
@@ -50,7 +54,7 @@ class Stats:
     def as_dict(self) -> dict:
         return {
             "stages": {
-                k: {"seconds": round(s.seconds, 4), "bytes": s.bytes}
+                k: {"seconds": round(s.seconds, 4), "bytes": s.bytes, "failed": s.failed}
                 for k, s in self.stages.items()
             },
             "counters": dict(self.counters),
@@ -65,7 +69,8 @@ class Stats:
             lines.append(f"  {s.name:<{width}}  {s.seconds:8.2f} s{extra}{failed}")
         lines.append(f"  {'total':<{width}}  {self.total_seconds():8.2f} s")
         for k, v in self.counters.items():
-            lines.append(f"  {k:<{width}}  {v}")
+            shown = f"{v:.2f}" if isinstance(v, float) else str(v)
+            lines.append(f"  {k:<{width}}  {shown}")
         return "\n".join(lines)
 
 

@@ -42,8 +42,7 @@ def host_options(args: argparse.Namespace) -> HostOptions:
 
 def print_stats(title: str, stats: Stats, as_json: bool = False) -> None:
     if as_json:
-        json.dump(stats.as_dict(), sys.stdout, indent=2)
-        print()
+        print(json.dumps(stats.as_dict()))
     else:
         print(title)
         print(stats.render())

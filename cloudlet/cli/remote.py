@@ -9,6 +9,7 @@ import http.client
 import json
 import select
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -185,29 +186,31 @@ def _follow(client: ServerClient, status: dict, args: argparse.Namespace, start:
     line = Progress("synthesis", None)
     line.start = start
     status = _wait_for(client, synthesis_id, ("running", "complete"), args.timeout, line)
-    if args.check_url:
-        for url in args.check_url:
-            body = wait_for_url(url, args.timeout)
-            if not args.json:
-                print(f"{url} answered: {body.strip()[:200]}")
+    answers: dict[str, str] = {}
+    for url in args.check_url:
+        answers[url] = wait_for_url(url, args.timeout)
+        if not args.json:
+            print(f"{url} answered: {answers[url].strip()[:200]}")
     first = time.monotonic() - start
     status = _wait_for(client, synthesis_id, ("complete",), args.timeout, line)
     stats = _stats_of(status)
     if args.check_url:
-        stats.counters["first response after"] = f"{first:.2f} s"
+        stats.counters["first response after s"] = round(first, 3)
     if args.json:
-        print(json.dumps({**stats.as_dict(), "id": synthesis_id, "server": client.url}, indent=2))
+        print(json.dumps({**stats.as_dict(), "id": synthesis_id, "server": client.url,
+                          "responses": answers}), flush=True)
     else:
         print(f"VM synthesized by {client.url} (synthesis {synthesis_id}) and running")
         print("statistics:")
         print(stats.render())
     if not args.check_and_exit:
-        print("VM running on the server; press Ctrl-C to stop it", flush=True)
+        say = sys.stderr if args.json else sys.stdout  # stdout holds just the JSON
+        print("VM running on the server; press Ctrl-C to stop it", file=say, flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            print("stopping the VM", flush=True)
+            print("stopping the VM", file=say, flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ server on 127.0.0.1 (tests/rangeserver.py, which can also slow, cut or corrupt w
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -112,6 +113,26 @@ def test_server_lost_mid_transfer_fails_in_bounded_time_and_cleans_up(
     assert_clean(home_b)
 
 
+def test_a_silent_source_fails_the_synthesis_within_the_fetch_deadline(
+    home_b: Path, overlay: Path, ranges: RangeServer
+):
+    """The server keeps its connections open and sends nothing past a point, and no guest read
+    is waiting (here no guest runs yet: the whole overlay is applied first). Only the source's
+    own bound can notice; it was 6 tries x 30 s, whatever --fetch-deadline said."""
+    ranges.faults.stall_at = overlay.stat().st_size * 4 // 5  # every request goes silent there
+    spec = spec_for(ranges, overlay, (free_port(), 80), fetch_deadline=10, early_start=False)
+    synth = prepare_synthesis(CloudletHome(home_b), spec, Stats())
+    started = time.monotonic()
+    try:
+        with pytest.raises(CloudletError, match="no byte arrived for .* fetch deadline is 10 s"):
+            synth.start()
+        assert synth.status()["state"] == "failed"
+    finally:
+        synth.close()
+    assert time.monotonic() - started < FAILS_WITHIN
+    assert_clean(home_b)
+
+
 def test_corrupt_frame_mid_stream_is_caught_by_its_digest(
     home_b: Path, overlay: Path, ranges: RangeServer
 ):
@@ -178,9 +199,12 @@ def test_without_early_start_from_a_url(home_b: Path, overlay: Path, ranges: Ran
         f"http://127.0.0.1:{port}/",
         timeout=300,
     )
-    stats = json.loads(done.stdout[done.stdout.index("{") :])
+    stats = json.loads(done.stdout)  # stdout is the JSON document and nothing else
     assert "apply overlay" in stats["stages"] and "mount cloudletfs" not in stats["stages"]
     assert stats["counters"]["frames fetched on demand"] == 0
+    assert isinstance(stats["counters"]["first response after s"], float)
+    assert all(isinstance(v, int | float) and k == k.strip() for k, v in stats["counters"].items())
+    assert "hello from the cloudlet overlay" in stats["responses"][f"http://127.0.0.1:{port}/"]
     assert time.monotonic() - started < 300
     assert_clean(home_b)
 
@@ -260,4 +284,22 @@ def test_close_while_it_starts_stops_it_in_bounded_time(
     assert isinstance(outcome[0], CloudletError), outcome
     assert "stopped while it started" in str(outcome[0])
     assert synth.status()["state"] == "failed"
+    assert_clean(home_b)
+
+
+def test_a_host_port_in_use_fails_at_once_with_qemus_words(home_b: Path, overlay: Path):
+    """QEMU exits at once when it cannot forward a port; saying so must not wait for a QMP
+    socket it left behind, nor point at a log its removed run directory held."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = cloudlet(home_b, "synthesize", str(overlay), "--check-and-exit",
+                        "-f", f"tcp:{port}:80", check=False)
+        took = time.monotonic() - started
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"Could not set up host forwarding rule 'tcp:127.0.0.1:{port}-:80'" in done.stderr
+    assert "qemu.log" not in done.stderr
+    assert took < 25, f"took {took:.0f} s: waited for QEMU's 30 s QMP connect bound"
     assert_clean(home_b)
