@@ -64,7 +64,9 @@ class OverlayReader:
             except BaseException:
                 f.close()
                 raise
-        return cls(source, owned=False, name=name or str(getattr(source, "name", "stream")))
+        known = getattr(source, "name", None)  # a file's path; an int for a bare descriptor
+        name = name or (known if isinstance(known, str) else "stream")
+        return cls(source, owned=False, name=name)
 
     def close(self) -> None:
         if self._owned:
