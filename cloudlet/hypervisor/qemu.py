@@ -43,6 +43,10 @@ KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 GUEST_MAC = "52:54:00:12:34:56"
 CONSOLE_BUFFER_LIMIT = 8 << 20  # keep at most this much console text in memory
+# what a guest kernel prints when it has crashed or is about to (checked after a resume)
+_KERNEL_CRASH = re.compile(
+    rb"Kernel panic|kernel BUG at|BUG: |Oops: |general protection fault|exited with irqs disabled"
+)
 MIGRATION_BANDWIDTH = 1 << 40  # bytes/s: unlimited in practice (QEMU's default is 32 MiB/s)
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 
@@ -768,6 +772,45 @@ class QemuVM:
                     f"console ends: {tail!r}"
                 )
             time.sleep(0.05)
+        return time.monotonic() - started
+
+
+    def wait_alive(self, settle: float = 5.0, timeout: float = 30.0) -> float:
+        """After a resume: the guest must still run `settle` seconds on, show no kernel crash on
+        its console, and answer Enter there (an echo or a prompt) within `timeout`. Returns
+        seconds taken; HypervisorError saying what went wrong (with the console's end)."""
+        started = time.monotonic()
+
+        def refuse(why: str) -> HypervisorError:
+            tail = bytes(self._con_buf[-500:]).decode(errors="replace")
+            return HypervisorError(f"{why}; console ends: {tail!r}")
+
+        deadline = started + settle
+        with self._con_cond:
+            while True:
+                crash = _KERNEL_CRASH.search(self._con_buf)
+                if crash is not None:
+                    raise refuse(f"the guest kernel crashed after the resume ({crash[0].decode()})")
+                if not self.alive():
+                    raise refuse(f"QEMU exited with status {self.proc.poll()} after the resume")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._con_cond.wait(min(remaining, 0.2))
+        state = self.status()
+        if state != "running":
+            raise refuse(f"the guest is {state!r}, not running, after the resume")
+        mark = self._console_end()
+        self._console_send(b"\r")
+        try:
+            self._wait_console(re.compile(rb"[\s\S]"), mark, time.monotonic() + timeout)
+        except GuestTimeout:
+            why = f"the guest's console did not answer Enter within {timeout:.0f} s"
+            raise refuse(why) from None
+        with self._con_cond:
+            crash = _KERNEL_CRASH.search(self._con_buf)
+        if crash is not None:
+            raise refuse(f"the guest kernel crashed after the resume ({crash[0].decode()})")
         return time.monotonic() - started
 
 
