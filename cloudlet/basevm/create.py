@@ -148,8 +148,9 @@ def check_resumes(
     """Resume the saved snapshot once, on a throw-away disk layer, before it is registered: a
     snapshot whose guest crashes on resume (it happens) would fail every synthesis from it.
 
-    The guest must run, show no kernel crash, answer on its console, and answer on the
-    --ready-port again if it was made ready by one. BaseVMError with its console's end if not.
+    The guest must keep running with no kernel crash on its console, and pass again the check
+    it was made ready by: answer Enter on its console (--ready-marker), or answer on the
+    --ready-port. BaseVMError with its console's end if not.
     """
     cow = run_dir / "check.qcow2"
     create_cow(staging / DISK, cow)
@@ -168,7 +169,9 @@ def check_resumes(
             timeout=ready.timeout,
         )
         with vm:
-            vm.wait_alive(timeout=min(ready.timeout, RESUME_ANSWER_TIMEOUT))
+            # the check it was made ready by: a guest ready on its console must answer there
+            vm.wait_alive(timeout=min(ready.timeout, RESUME_ANSWER_TIMEOUT),
+                          console_answers=ready.marker is not None)
             if ready.port is not None:
                 vm.wait_ready(port=ready.port, timeout=min(ready.timeout, RESUME_ANSWER_TIMEOUT))
     except HypervisorError as e:
