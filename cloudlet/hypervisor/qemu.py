@@ -43,6 +43,7 @@ KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 GUEST_MAC = "52:54:00:12:34:56"
 CONSOLE_BUFFER_LIMIT = 8 << 20  # keep at most this much console text in memory
+_EXIT_GRACE = 5.0  # seconds a QEMU whose QMP connection broke gets to finish exiting
 # what a guest kernel prints when it has crashed or is about to (checked after a resume)
 _KERNEL_CRASH = re.compile(
     rb"Kernel panic|kernel BUG at|BUG: |Oops: |general protection fault|exited with irqs disabled"
@@ -397,6 +398,10 @@ class QemuVM:
         try:
             self.qmp.connect(max(1.0, deadline - time.monotonic()), check=self._check_alive)
         except HypervisorError:
+            # a QEMU that is exiting resets the connection before it can be reaped: give it a
+            # moment, so the error is its own words rather than the broken socket's
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(_EXIT_GRACE)
             self._check_alive()
             raise
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

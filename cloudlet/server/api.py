@@ -260,8 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
                     rate.check(received)
                     pipe.write(chunk)
             self._body_read = True
-        except BrokenPipeError:
-            pass  # the synthesis ended before the upload did: its status says why
+        except BrokenPipeError:  # the synthesis ended before the upload did: wait for why
+            job.thread.join(self.server.api.manager.timeout)
         except (OSError, HttpError, UploadTooSlow) as exc:
             self._uploading = False
             manager.delete(job.id)  # the client never learned the id: nobody else would
