@@ -28,6 +28,7 @@ from cloudlet.diff import (
     pread_exact,
 )
 from cloudlet.errors import ImageError
+from cloudlet.hypervisor.config import qemu_img_binary
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Extent:
 
 
 def _qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT, output_json: bool = True) -> Any:
-    cmd = ["qemu-img", *args]
+    cmd = [qemu_img_binary(), *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError as e:
@@ -189,8 +190,8 @@ def _sources(disk: Path, extents: list[Extent], tmp: Path) -> list[tuple[Extent,
         skip, count = e.start // bs, e.length // bs
         # qemu-img 7.2 applies count before skip (counting from the image start), so ask for
         # skip + count blocks; a qemu-img that applies them in order just copies a little more.
-        cmd = ["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"bs={bs}", f"skip={skip}",
-               f"count={skip + count}", f"if={disk}", f"of={dest}"]  # fmt: skip
+        cmd = [qemu_img_binary(), "dd", "-U", "-f", "qcow2", "-O", "raw", f"bs={bs}",
+               f"skip={skip}", f"count={skip + count}", f"if={disk}", f"of={dest}"]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
         if proc.returncode != 0 or not dest.exists() or dest.stat().st_size < e.length:
             raise ImageError(

@@ -9,6 +9,10 @@ class ConfigMismatch(CloudletError):
     """A VM configuration differs from the one a memory snapshot was saved with."""
 
 
+class HostCannotResume(ConfigMismatch):
+    """This host's QEMU cannot resume a snapshot (machine type, device or QEMU too old)."""
+
+
 class MemoryStreamError(CloudletError):
     """A QEMU migration stream (or libvirt save file) is malformed or uses an unknown feature."""
 

@@ -34,7 +34,7 @@ from cloudlet.chunks import Target, chunk_count
 from cloudlet.errors import BaseNotFound, CloudletError, WrongBase
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig
-from cloudlet.hypervisor.qemu import MAIN_RAM_BLOCK, QemuVM
+from cloudlet.hypervisor.qemu import MAIN_RAM_BLOCK, QemuVM, check_host_can_resume
 from cloudlet.memory.stream import MemoryLayout
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.pipeline import BaseImages, FileSink, FramePlan, Pipeline
@@ -90,6 +90,17 @@ def check_overlay_fits(reader: OverlayReader, base: BaseVM) -> MemoryLayout:
     return layout
 
 
+def check_host_can_resume_overlay(base: BaseVM, layout: MemoryLayout) -> None:
+    """Raise HostCannotResume unless this host's QEMU can load the base's machine type and
+    devices and the streams of the QEMUs that saved the base and the overlay."""
+    base_layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
+    check_host_can_resume(
+        VMConfig.from_dict(base.config),
+        [base_layout.saved_by, layout.saved_by],
+        f"the overlay of base {base.name!r} ({base.short_id})",
+    )
+
+
 def base_images(base: BaseVM) -> BaseImages:
     return BaseImages(
         disk=base.disk_path,
@@ -118,6 +129,7 @@ def prepare_synthesis(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> 
             _skip_to_frames(stream, reader)
             base = find_base(home, reader.base_id)
             layout = check_overlay_fits(reader, base)
+            check_host_can_resume_overlay(base, layout)  # before reading any frame
         except BaseException:
             for closing in (reader, stream, source):
                 if closing is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from nova import exception
 from nova.virt.libvirt import utils as libvirt_utils
+from oslo_config import cfg
 from oslo_log import log as logging
 
 from cloudlet.basevm.create import copy_disk_as_raw
@@ -23,6 +24,7 @@ from cloudlet.basevm.store import CONFIG, DISK, INITRD, KERNEL, LAYOUT, MEMORY, 
 from cloudlet.hashing import file_sha256
 from cloudlet.hypervisor.config import VMConfig
 from cloudlet.memory.stream import open_snapshot, parse_stream
+from cloudlet_nova import conf as cloudlet_conf  # noqa: F401  (registers [cloudlet])
 from cloudlet_nova import glance
 from cloudlet_nova.capture import (
     lock_instance,
@@ -36,8 +38,35 @@ from cloudlet_nova.publish import Publisher
 from cloudlet_nova.tasks import Progress
 
 LOG = logging.getLogger(__name__)
+CONF = cfg.CONF
 
 MEMORY_BUNDLE = "memory.bundle"
+
+
+def package_in_import_dir(requested: str, host: str) -> Path:
+    """The file `requested` names (absolute, or relative to `[cloudlet] base_import_dir`),
+    resolved with every symlink followed; refused unless it lies inside that directory."""
+    if not CONF.cloudlet.base_import_dir:
+        raise exception.Invalid(
+            message=f"host {host} registers no base packages: set [cloudlet] base_import_dir "
+            "in its nova.conf"
+        )
+    root = Path(CONF.cloudlet.base_import_dir).resolve()
+    raw = Path(requested)
+    if ".." in raw.parts:
+        raise exception.Invalid(message=f"base package path {requested!r} contains '..'")
+    resolved = (root / raw).resolve()  # an absolute `raw` replaces root
+    if not resolved.is_relative_to(root):
+        raise exception.Invalid(
+            message=f"base package {requested} is outside the import directory {root} of host "
+            f"{host} (symlinks are followed): copy it there"
+        )
+    if not resolved.is_file():
+        raise exception.Invalid(
+            message=f"base package {requested} is not a file in {root} on host {host}: copy it "
+            "there (registration reads it on the compute host)"
+        )
+    return resolved
 
 
 def publish_base(
@@ -45,15 +74,19 @@ def publish_base(
     lo: float = 0.5,
 ) -> dict[str, str]:  # fmt: skip
     """Upload `base` as a disk image + memory image linked to each other, unless Glance already
-    has such a pair for its id. Returns {"disk": id, "memory": id}."""
+    has such a pair whose contents the host cache knows to be this base (labels alone prove
+    nothing). The uploaded images' Glance digests are recorded in the cache as proof of the
+    base. Returns {"disk": id, "memory": id}."""
+    cache = driver.cache
     publisher = Publisher(context)
-    memories = {m.image_id for m in publisher.find(glance.Kind.BASE_MEMORY, base.id)}
+    memories = {m.image_id: m for m in publisher.find(glance.Kind.BASE_MEMORY, base.id)}
     for disk in publisher.find(glance.Kind.BASE_DISK, base.id):
-        if disk.memory_image in memories:
+        memory = memories.get(str(disk.memory_image))
+        if memory is not None and cache.proven(base.id, disk.content, memory.content):
             LOG.info("base %s is already in Glance: %s + %s", base.id, disk.image_id,
-                     disk.memory_image)  # fmt: skip
+                     memory.image_id)  # fmt: skip
             progress.stage("already in Glance", 0.99)
-            return {"disk": disk.image_id, "memory": str(disk.memory_image)}
+            return {"disk": disk.image_id, "memory": memory.image_id}
     disk_id, memory_id = publisher.new_id(), publisher.new_id()
     min_ram = int(base.config.get("memory_mib", 0))
     with work_dir(driver, "publish") as work:
@@ -63,13 +96,13 @@ def publish_base(
             glance.write_memory_bundle(base, out)
         mid = lo + (1 - lo) / 4
         progress.stage("upload memory image", mid)
-        publisher.upload(
+        _, memory_hash = publisher.upload_verified(
             bundle, f"{name}-memory", glance.base_memory_properties(base.id, disk_id),
             image_id=memory_id, public=public, progress=progress.fraction(mid, mid + 0.1),
         )  # fmt: skip
     try:
         progress.stage("upload disk image", mid + 0.1)
-        publisher.upload(
+        _, disk_hash = publisher.upload_verified(
             base.disk_path, name, glance.base_disk_properties(base.id, memory_id),
             image_id=disk_id, public=public, min_ram=min_ram,
             progress=progress.fraction(mid + 0.1, 0.99),
@@ -77,6 +110,7 @@ def publish_base(
     except BaseException:
         publisher.delete(memory_id)  # a memory image without its disk is of no use
         raise
+    cache.record(base.id, disk_hash, memory_hash)
     return {"disk": disk_id, "memory": memory_id}
 
 
@@ -169,20 +203,22 @@ class BaseCreation:
 
 
 class BaseRegistration:
-    """An engine base package (.cbase) on this host -> the host cache -> Glance."""
+    """An engine base package (.cbase) on this host -> the host cache -> Glance.
+
+    nova-compute reads the package from a host path the caller names: admins only, and only
+    inside `[cloudlet] base_import_dir`."""
 
     def __init__(
         self, driver: Any, host: str, context: Any, request: CloudletRegisterBaseRequest
     ) -> None:
+        if not context.is_admin:
+            raise exception.Forbidden(
+                message="registering a base package from a compute host path is for admins"
+            )
         self.driver = driver
         self.context = context
         self.request = request
-        self.package = Path(request.package_path)
-        if not self.package.is_file():
-            raise exception.Invalid(
-                message=f"base package {self.package} is not a file on host {host}: "
-                "copy it there (registration reads it on the compute host)"
-            )
+        self.package = package_in_import_dir(request.package_path, host)
 
     def abandon(self) -> None:
         pass

@@ -72,21 +72,21 @@ def unlock_instance(instance: Any) -> None:
 
 
 def cached_base(driver: Any, context: Any, st: state.InstanceState) -> BaseVM:
-    """The base the instance runs over, from the host cache (fetched again if it was evicted)."""
+    """The base the instance runs over, from the host cache (its id is the instance's state,
+    verified when it booted); fetched again, through the caller's context and the checks of a
+    boot, if it was evicted."""
     cache = driver.cache
     base = cache.get(st.base_id)
     if base is not None:
         return base
     images = glance.GlanceImages(context)
     image = images.describe(st.image_id)
-    if image is not None and image.kind is glance.Kind.OVERLAY:
-        image = images.describe(image.disk_image)
     if image is None or image.base_id != st.base_id:
         raise exception.Invalid(
             message=f"base {st.base_id} is neither cached nor reachable through image "
             f"{st.image_id}"
         )
-    return cache.ensure(images, image)
+    return cache.ensure(images, *images.base_images(image))
 
 
 class SavedGuest:

@@ -20,6 +20,13 @@ opts = [
         help="Serve the cloudlet RPC endpoint (topic 'cloudlet', server = host) from "
         "nova-compute: overlay capture and base creation.",
     ),
+    cfg.StrOpt(
+        "base_import_dir",
+        help="Directory on the compute host from which admins may register engine base "
+        "packages (cloudlet-manage base register): the package path, absolute or relative to "
+        "this directory, must resolve inside it (symlinks followed, '..' refused). Unset: "
+        "registration from host paths is refused.",
+    ),
     cfg.FloatOpt(
         "base_weight_multiplier",
         default=10.0,

@@ -28,12 +28,19 @@ class MissingMemoryImage(CloudletImageUnacceptable):
     msg_fmt = "Cloudlet image %(image_id)s has no usable base memory image: %(reason)s"
 
 
+class BaseAccessDenied(CloudletImageUnacceptable):
+    """The booting project cannot read the base's images, or Glance cannot vouch for their
+    contents: nothing of the base is resumed (docs/nova.md, Project isolation)."""
+
+    # short: Nova keeps 255 characters of a fault message (%(base)s is an id prefix)
+    msg_fmt = "Cloudlet image %(image_id)s may not resume base %(base)s: %(reason)s"
+
+
 class FlavorMemoryMismatch(CloudletImageUnacceptable):
     msg_fmt = (
         "Cloudlet image %(image_id)s needs a flavor with %(snapshot_mb)s MB of RAM (the memory "
         "snapshot's size), not %(flavor_mb)s MB: pick a flavor with exactly that RAM"
     )
-
 
 
 class RestoreRefused(CloudletImageUnacceptable):

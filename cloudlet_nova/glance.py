@@ -10,7 +10,9 @@ A base VM is two Glance images; an overlay is a third (docs/nova.md has the tabl
                   cloudlet_type=overlay  cloudlet_base_id=<id>  cloudlet_base_disk_image=<uuid>
 
 <id> is the engine's base id (cloudlet.basevm.identity): the cache recomputes it from the
-downloaded files and refuses a mismatch, so the properties are hints, never trusted.
+downloaded files and refuses a mismatch, so the properties are hints, never trusted. What binds an
+image to a base is its content hash, which Glance computes at upload (os_hash_algo,
+os_hash_value) and no user can set: see cloudlet_nova.cache.
 
 The memory bundle is a zstd-compressed tar stream of vm-config.json, memory.layout, kernel and
 initrd (when the base has them) and memory.img, in that order.
@@ -19,6 +21,7 @@ initrd (when the base has them) and memory.img, in that order.
 from __future__ import annotations
 
 import enum
+import hashlib
 import io
 import os
 import queue
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import zstandard
+from nova import exception as nova_exception
 from oslo_log import log as logging
 
 from cloudlet.basevm.identity import is_base_id
@@ -44,6 +48,8 @@ BASE_ID = "cloudlet_base_id"
 MEMORY_IMAGE = "cloudlet_memory_image"  # on a base disk: its memory image
 DISK_IMAGE = "cloudlet_disk_image"  # on a base memory image: its disk image
 BASE_DISK_IMAGE = "cloudlet_base_disk_image"  # on an overlay: the base disk image to fetch
+HASH_ALGO = "os_hash_algo"  # Glance's own digest of the image data (read-only to users)
+HASH_VALUE = "os_hash_value"
 
 BUNDLE_MEMBERS = (CONFIG, LAYOUT, KERNEL, INITRD, MEMORY)
 _QUEUE_DEPTH = 8  # chunks in flight between the download thread and the reader
@@ -56,14 +62,41 @@ class Kind(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class ContentHash:
+    """The digest Glance computed of an image's data when it was uploaded (os_hash_algo,
+    os_hash_value: sha512 by default). Users cannot set it, so unlike a property it names
+    the content."""
+
+    algo: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.algo}:{self.value}"
+
+    def new_hasher(self) -> Any:
+        return hashlib.new(self.algo)
+
+
+def content_hash(image: dict[str, Any]) -> ContentHash | None:
+    """Glance's digest of an image's data (top-level attributes, as Nova's image API returns
+    them; never taken from the user-set properties), or None when Glance recorded none or
+    uses an algorithm this Python cannot compute."""
+    algo, value = image.get(HASH_ALGO), image.get(HASH_VALUE)
+    if not algo or not value or str(algo).lower() not in hashlib.algorithms_available:
+        return None
+    return ContentHash(str(algo).lower(), str(value).lower())
+
+
+@dataclass(frozen=True)
 class CloudletImage:
-    """What a Glance image's cloudlet properties say."""
+    """What a Glance image's cloudlet properties say, and Glance's digest of its data."""
 
     image_id: str
     kind: Kind
     base_id: str
     memory_image: str | None = None  # base disk -> memory image
     disk_image: str | None = None  # base memory -> disk image; overlay -> base disk image
+    content: ContentHash | None = None
 
 
 def base_disk_properties(base_id: str, memory_image_id: str) -> dict[str, str]:
@@ -110,6 +143,7 @@ def describe(image: dict[str, Any]) -> CloudletImage | None:
         base_id=base_id,
         memory_image=props[link] if kind is Kind.BASE_DISK else None,
         disk_image=None if kind is Kind.BASE_DISK else props[link],
+        content=content_hash(image),
     )
 
 
@@ -129,15 +163,100 @@ class GlanceImages:
     def describe(self, image_id: str) -> CloudletImage | None:
         return describe(self.show(image_id))
 
+    def base_images(self, image: CloudletImage) -> tuple[CloudletImage, CloudletImage]:
+        """The base disk and memory images that base disk or overlay `image` resumes, as this
+        context (the booting user's) reads them: each must be readable, of its kind and hold
+        the base id `image` names. Whether their contents really are that base is the cache's
+        check (BaseCache.ensure). Raises a CloudletImageUnacceptable subclass."""
+        disk = image
+        if image.kind is Kind.OVERLAY:
+            assert image.disk_image is not None  # describe requires it on an overlay
+            disk = self._readable(image, image.disk_image, "base disk image")
+            if disk.kind is not Kind.BASE_DISK:
+                raise errors.WrongBase(
+                    image_id=image.image_id,
+                    reason=f"its base disk image {image.disk_image} is not a cloudlet base disk "
+                    "image",
+                )
+            if disk.base_id != image.base_id:
+                raise errors.WrongBase(
+                    image_id=image.image_id,
+                    reason=f"it needs base {image.base_id}, its base disk image "
+                    f"{disk.image_id} holds base {disk.base_id}",
+                )
+        assert disk.memory_image is not None  # describe requires it on a base disk
+        memory = self._readable(image, disk.memory_image, "memory image")
+        if memory.kind is not Kind.BASE_MEMORY:
+            raise errors.MissingMemoryImage(
+                image_id=image.image_id,
+                reason=f"image {memory.image_id} is not a cloudlet base memory image",
+            )
+        if memory.base_id != disk.base_id:
+            raise errors.WrongBase(
+                image_id=image.image_id,
+                reason=f"its memory image {memory.image_id} belongs to base {memory.base_id}, "
+                f"not {disk.base_id}",
+            )
+        return disk, memory
+
+    def _readable(self, asked_by: CloudletImage, image_id: str, role: str) -> CloudletImage:
+        """A cloudlet image this context may read. Glance answers 404 alike for an image that
+        does not exist and one of another project: so does the fault."""
+        try:
+            image = self.describe(image_id)
+        except (nova_exception.ImageNotFound, nova_exception.ImageNotAuthorized):
+            raise errors.BaseAccessDenied(
+                image_id=asked_by.image_id, base=asked_by.base_id[:16],
+                reason=f"its {role} {image_id} is missing or not readable by this project",
+            ) from None
+        if image is None:
+            raise errors.CloudletImageInvalid(
+                image_id=asked_by.image_id, reason=f"its {role} {image_id} is no cloudlet image"
+            )
+        return image
+
+    def fetch_verified(self, image: CloudletImage, consume: Callable[[BinaryIO], Any]) -> Any:
+        """Run `consume` over the image's data, hashed as it is read; the rest is drained and
+        the digest must be the one Glance recorded at upload (DigestMismatch otherwise), so
+        what was consumed is exactly the content `image.content` names."""
+        assert image.content is not None  # BaseCache.ensure refuses images without one
+        with self.open(image.image_id) as stream:
+            reader = _HashingReader(stream, image.content.new_hasher())
+            result = consume(reader)
+            while reader.read(READ_SIZE):
+                pass
+        if reader.hexdigest() != image.content.value:
+            raise errors.DigestMismatch(
+                image_id=image.image_id,
+                reason=f"its data does not have the {image.content.algo} digest Glance "
+                "recorded at upload",
+            )
+        return result
+
     def open(self, image_id: str) -> ImageStream:
         """A sequential reader over the image data, filled by a download thread as it arrives."""
         return ImageStream(lambda sink: self.api.download(self.context, image_id, data=sink),
                            name=f"glance image {image_id}")
 
-    def download_to(self, image_id: str, path: Path) -> int:
-        """Write the image data to `path`, leaving holes where it is zero (raw disks)."""
-        with self.open(image_id) as src, open(path, "wb") as out:
-            return write_sparse(src, out)
+
+class _HashingReader(io.RawIOBase):
+    """Reads through to `raw`, feeding every byte read to `hasher`."""
+
+    def __init__(self, raw: io.RawIOBase, hasher: Any) -> None:
+        super().__init__()
+        self._raw = raw
+        self._hasher = hasher
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self._raw.readinto(b)
+        self._hasher.update(memoryview(b)[:n])
+        return n
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
 
 
 class _Closed(Exception):

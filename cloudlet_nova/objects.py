@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from oslo_utils import timeutils
+from oslo_utils import timeutils, versionutils
 from oslo_versionedobjects import base, fields
 
 OBJ_NAMESPACE = "cloudlet_object"
@@ -123,9 +123,13 @@ class CloudletRegisterBaseRequest(CloudletRequest):
 
 @CloudletObjectRegistry.register
 class CloudletTask(CloudletObject):
-    """One long-running job on a compute host, as its progress is reported."""
+    """One long-running job on a compute host, as its progress is reported.
 
-    VERSION = "1.0"
+    Readable only by the project that started it (`project_id`) and by admins."""
+
+    # Version 1.0: initial version
+    # Version 1.1: project_id
+    VERSION = "1.1"
     fields = {
         "id": fields.UUIDField(),
         "kind": TaskKindField(),
@@ -140,7 +144,18 @@ class CloudletTask(CloudletObject):
         "error": fields.StringField(nullable=True, default=None),
         "created_at": fields.DateTimeField(),
         "updated_at": fields.DateTimeField(),
+        "project_id": fields.StringField(nullable=True, default=None),  # None: admins only
     }
+
+    def obj_make_compatible(self, primitive: dict, target_version: str) -> None:
+        super().obj_make_compatible(primitive, target_version)
+        if versionutils.convert_version_to_tuple(target_version) < (1, 1):
+            primitive.pop("project_id", None)
+
+    def readable_by(self, context: Any) -> bool:
+        return bool(getattr(context, "is_admin", False)) or (
+            self.project_id is not None and self.project_id == context.project_id
+        )
 
     @classmethod
     def start(cls, task_id: str, kind: str, host: str, **kw: Any) -> CloudletTask:

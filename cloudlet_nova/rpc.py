@@ -60,26 +60,32 @@ class CloudletEndpoint:
 
     def start_capture(self, ctxt: Any, request: CloudletCaptureRequest) -> CloudletTask:
         job = capture.OverlayCapture(self.driver, self.host, ctxt, request)
-        return self._start(TaskKind.CAPTURE, request.task_id, job, request.instance_uuid)
+        return self._start(ctxt, TaskKind.CAPTURE, request.task_id, job, request.instance_uuid)
 
     def start_create_base(self, ctxt: Any, request: CloudletCreateBaseRequest) -> CloudletTask:
         job = basevm.BaseCreation(self.driver, self.host, ctxt, request)
-        return self._start(TaskKind.CREATE_BASE, request.task_id, job, request.instance_uuid)
+        return self._start(ctxt, TaskKind.CREATE_BASE, request.task_id, job, request.instance_uuid)
 
     def start_register_base(
         self, ctxt: Any, request: CloudletRegisterBaseRequest
     ) -> CloudletTask:
         job = basevm.BaseRegistration(self.driver, self.host, ctxt, request)
-        return self._start(TaskKind.REGISTER_BASE, request.task_id, job, None)
+        return self._start(ctxt, TaskKind.REGISTER_BASE, request.task_id, job, None)
 
     def get_task(self, ctxt: Any, task_id: str) -> CloudletTask | None:
-        return self.store.get(task_id)
+        """The task, if the caller's project started it (or the caller is an admin); another
+        project's task answers None, as an unknown one (Nova's 404 for another's server)."""
+        task = self.store.get(task_id)
+        return task if task is not None and task.readable_by(ctxt) else None
 
-    def _start(self, kind: str, task_id: str, job: Any, instance_uuid: str | None) -> CloudletTask:
+    def _start(
+        self, ctxt: Any, kind: str, task_id: str, job: Any, instance_uuid: str | None
+    ) -> CloudletTask:
         if self.store.get(task_id) is not None:
             job.abandon()
             raise exception.Invalid(message=f"cloudlet task {task_id} already exists")
-        task = CloudletTask.start(task_id, kind, self.host, instance_uuid=instance_uuid)
+        task = CloudletTask.start(task_id, kind, self.host, instance_uuid=instance_uuid,
+                                  project_id=ctxt.project_id)  # fmt: skip
         progress = Progress(self.store, task)
         progress.stage("queued", 0.0)
         thread = threading.Thread(

@@ -52,7 +52,9 @@ def prepare(
 ) -> state.InstanceState:
     """Make the instance's images ready (base cached, overlay synthesized) and record its state.
 
-    Raises a CloudletImageUnacceptable subclass (an instance fault) on every refusal.
+    `glance` carries the booting user's context: the base is resumed only from Glance images
+    that user can read and whose content hashes are proven to hold it (BaseCache.ensure), on
+    every boot. Raises a CloudletImageUnacceptable subclass (an instance fault) on every refusal.
     """
     if image.kind is Kind.BASE_MEMORY:
         raise errors.CloudletImageInvalid(
@@ -60,8 +62,8 @@ def prepare(
             reason=f"a base memory image is not bootable: boot its base disk image "
             f"{image.disk_image}",
         )
-    disk_image = image if image.kind is Kind.BASE_DISK else _base_disk_of(glance, image)
-    base = cache.ensure(glance, disk_image)
+    # with the booting user's context (`glance`): their images, proven to hold the base
+    base = cache.ensure(glance, *glance.base_images(image))
     snapshot_mb = VMConfig.from_dict(base.config).memory_mib
     if instance.flavor.memory_mb != snapshot_mb:
         raise errors.FlavorMemoryMismatch(
@@ -80,23 +82,6 @@ def prepare(
         st = _synthesize(glance, image, base, state.work_dir(instance_dir))
     state.save(instance_dir, st)
     return st
-
-
-def _base_disk_of(glance: GlanceImages, overlay: CloudletImage) -> CloudletImage:
-    assert overlay.disk_image is not None  # glance.describe requires it on an overlay
-    disk_image = glance.describe(overlay.disk_image)
-    if disk_image is None or disk_image.kind is not Kind.BASE_DISK:
-        raise errors.WrongBase(
-            image_id=overlay.image_id,
-            reason=f"its base disk image {overlay.disk_image} is not a cloudlet base disk image",
-        )
-    if disk_image.base_id != overlay.base_id:
-        raise errors.WrongBase(
-            image_id=overlay.image_id,
-            reason=f"it needs base {overlay.base_id}, its base disk image "
-            f"{disk_image.image_id} holds base {disk_image.base_id}",
-        )
-    return disk_image
 
 
 def _synthesize(

@@ -50,7 +50,10 @@ class TaskStore:
             data = json.loads(self._path(task_id).read_text())
         except FileNotFoundError:
             return None
-        return CloudletTask.obj_from_primitive(data)
+        task = CloudletTask.obj_from_primitive(data)
+        if not task.obj_attr_is_set("project_id"):  # a 1.0 record: no owner, admins only
+            task.project_id = None
+        return task
 
     def fail_interrupted(self) -> list[str]:
         """Mark every task still 'running' as failed: called once when the host's server starts,

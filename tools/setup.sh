@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian 12 machine: Debian packages, the project venv (.venv) with
-# cloudlet installed, and the cached test guest. Safe to run again: it only does what is missing.
+# cloudlet installed, the cached test guest and bookworm-backports' QEMU beside the system's.
+# Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,3 +49,8 @@ if [ ! -f "$nova_stamp" ] || [ setup.cfg -nt "$nova_stamp" ] \
 fi
 
 tools/testguest/build.sh
+
+# The newest QEMU of bookworm-backports, unpacked beside the system QEMU (never over it): the
+# second pass of tools/test.sh runs the QEMU tests on it; CLOUDLET_QEMU=<path> selects it.
+newer=$(tools/qemu-backports/install.sh | tail -n 1)
+echo "setup: bookworm-backports QEMU: CLOUDLET_QEMU=$newer"

@@ -23,9 +23,9 @@ from cloudlet.errors import BaseVMError, HypervisorError
 from cloudlet.fsutil import clone_sparse
 from cloudlet.hashing import file_sha256
 from cloudlet.home import CloudletHome
-from cloudlet.hypervisor.config import VMConfig, resolve_machine
+from cloudlet.hypervisor.config import VMConfig, qemu_binary, qemu_version, resolve_machine
 from cloudlet.hypervisor.qemu import LaunchSpec, QemuVM
-from cloudlet.memory.stream import MemoryLayout, parse_stream
+from cloudlet.memory.stream import SAVED_BY_QEMU, MemoryLayout, parse_stream
 from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions, resume_vm
 
@@ -120,6 +120,7 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
             vm.quit(timeout=30)
         with stats.stage("parse memory", stream.stat().st_size), open(stream, "rb") as src:
             layout = parse_stream(src, staging / MEMORY)
+        layout.extra[SAVED_BY_QEMU] = qemu_version(qemu_binary())  # checked before resuming
         (staging / LAYOUT).write_bytes(layout.to_bytes())
         stream.unlink()
         with stats.stage("check resume"):

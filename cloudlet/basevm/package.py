@@ -48,7 +48,10 @@ from cloudlet.errors import BaseExists, BasePackageError
 from cloudlet.fsutil import fsync_dir
 from cloudlet.hashing import READ_SIZE
 from cloudlet.home import CloudletHome
+from cloudlet.hypervisor.config import VMConfig
+from cloudlet.hypervisor.qemu import check_host_can_resume
 from cloudlet.index import ChunkIndex
+from cloudlet.memory.stream import MemoryLayout
 from cloudlet.overlay.format import MAGIC as OVERLAY_MAGIC
 
 log = logging.getLogger(__name__)
@@ -321,6 +324,9 @@ def import_base(
     package = Path(package)
     with _CountingReader(package, progress) as f, _PackageStream(f, package) as stream:
         manifest = _read_manifest(stream.tar, package)
+        what = f"base {manifest.name!r} ({manifest.base_id[:12]}) in {package}"
+        config = VMConfig.from_dict(manifest.config)
+        check_host_can_resume(config, [], what)  # before reading GBs of images
         if store.contains(manifest.base_id):
             existing = store.get(manifest.base_id)
             log.info(
@@ -332,6 +338,8 @@ def import_base(
             verified = _extract_members(stream.tar, package, manifest, staging)
             stream.finish()
             _check_contents(staging, manifest, verified)
+            layout = MemoryLayout.from_bytes((staging / LAYOUT).read_bytes())
+            check_host_can_resume(config, [layout.saved_by], what)
             try:
                 base = store.add_from_directory(
                     staging, name or manifest.name, file_sha256=verified

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -20,6 +21,47 @@ from cloudlet.errors import ConfigMismatch, HypervisorError
 LOG = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
+QEMU_ENV = "CLOUDLET_QEMU"
+
+
+def qemu_binary() -> str:
+    """The qemu-system-x86_64 cloudlet runs: $CLOUDLET_QEMU, else the one on PATH.
+
+    The one place that decides it, so a host (or a test run) can use a QEMU installed beside
+    the distribution's (tools/qemu-backports/install.sh writes such a wrapper). Firmware and
+    libraries are that binary's business: a wrapper passes -L / LD_LIBRARY_PATH itself.
+    """
+    return os.environ.get(QEMU_ENV) or QEMU_BINARY
+
+
+def qemu_img_binary() -> str:
+    """qemu-img of the same QEMU: the one beside $CLOUDLET_QEMU if there is one, else PATH's."""
+    chosen = os.environ.get(QEMU_ENV)
+    if chosen:
+        beside = os.path.join(os.path.dirname(chosen), "qemu-img")
+        if os.access(beside, os.X_OK):
+            return beside
+    return "qemu-img"
+
+
+_VERSION_LINE = re.compile(r"QEMU emulator version (\d+)\.(\d+)\.(\d+)")
+
+
+@functools.cache
+def qemu_version(binary: str) -> str:
+    """The QEMU version, e.g. "10.0.2", from `binary --version` (recorded in bases)."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise HypervisorError(f"cannot run {binary} --version: {exc}") from exc
+    m = _VERSION_LINE.search(out)
+    if not m:
+        raise HypervisorError(f"{binary} --version does not name a QEMU version: {out[:200]!r}")
+    return ".".join(m.groups())
+
+
 DISPLAYS = frozenset({"none", "std"})
 
 
@@ -124,11 +166,33 @@ def _machine_table(binary: str) -> tuple[dict[str, str], frozenset[str]]:
     return aliases, frozenset(names)
 
 
-def resolve_machine(alias: str, binary: str = QEMU_BINARY) -> str:
+def machine_types(binary: str) -> frozenset[str]:
+    """Every machine type (and alias) `binary` offers."""
+    return _machine_table(binary)[1]
+
+
+@functools.cache
+def qemu_has_device(binary: str, device: str) -> bool:
+    """Whether `binary` offers device type `device` (`-device NAME,help`).
+
+    Asked one device at a time: `-device help` loads every module of the build, and a QEMU
+    unpacked beside the system's then finds the system's modules and aborts.
+    """
+    try:
+        done = subprocess.run(
+            [binary, "-device", f"{device},help"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise HypervisorError(f"cannot ask {binary} about device {device}: {exc}") from exc
+    return done.returncode == 0 and "not found" not in done.stderr
+
+
+def resolve_machine(alias: str, binary: str | None = None) -> str:
     """The concrete machine type behind an alias ("pc" -> "pc-i440fx-7.2").
 
     Aliases move with QEMU upgrades; a snapshot must name the versioned type it was saved on.
     """
+    binary = binary or qemu_binary()
     aliases, names = _machine_table(binary)
     if alias in aliases:
         return aliases[alias]

@@ -27,13 +27,27 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudlet.errors import ConfigMismatch, GuestCommandFailed, GuestTimeout, HypervisorError
+from cloudlet.errors import (
+    ConfigMismatch,
+    GuestCommandFailed,
+    GuestTimeout,
+    HostCannotResume,
+    HypervisorError,
+)
 from cloudlet.hashing import file_sha256
-from cloudlet.hypervisor.config import QEMU_BINARY, VMConfig, resolve_machine
+from cloudlet.hypervisor.config import (
+    VMConfig,
+    machine_types,
+    qemu_binary,
+    qemu_has_device,
+    qemu_version,
+    resolve_machine,
+)
 from cloudlet.hypervisor.qmp import QMPClient, QMPConnectionLost
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -99,6 +113,60 @@ def _kvm_usable() -> bool:
         return False
     finally:
         os.close(fd)
+
+
+# --- can this host resume a snapshot? ----------------------------------------------------------
+
+
+def guest_devices(cfg: VMConfig) -> list[str]:
+    """The QEMU device types build_command gives a VM of `cfg`."""
+    devices = [NIC_DEVICES.get(cfg.nic_model, cfg.nic_model)]
+    devices.append({"virtio": "virtio-blk-pci", "ide": "ide-hd"}.get(cfg.disk_bus, cfg.disk_bus))
+    if cfg.balloon:
+        devices.append("virtio-balloon-pci")
+    if cfg.display == "std":
+        devices.append("VGA")
+    return devices
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def check_host_can_resume(
+    cfg: VMConfig, saved_by: Sequence[str | None], what: str, binary: str | None = None
+) -> None:
+    """Raise HostCannotResume unless this host's QEMU can load a snapshot of `cfg`.
+
+    `saved_by` holds the versions of the QEMUs that wrote the snapshot's streams (None for
+    layouts recorded before cloudlet kept it: then only the machine type and devices are
+    checked). QEMU loads streams of its own or older versions for a machine type it offers; a
+    newer QEMU's stream into an older one is not something cloudlet tests, so it is refused.
+    Cheap (cached `-machine help`, `-device NAME,help`, `--version`): call it before fetching
+    anything big.
+    """
+    binary = binary or qemu_binary()
+    here = qemu_version(binary)
+    known = sorted((v for v in saved_by if v is not None), key=_version_tuple)
+    saved = f" (saved by QEMU {known[-1]})" if known else ""
+    hint = "use a host (or CLOUDLET_QEMU) with a QEMU that offers it"
+    if cfg.machine not in machine_types(binary):
+        raise HostCannotResume(
+            f"{what} needs QEMU machine type {cfg.machine!r}{saved}, which this host's QEMU "
+            f"{here} ({binary}) does not offer: {hint}"
+        )
+    missing = [d for d in guest_devices(cfg) if not qemu_has_device(binary, d)]
+    if missing:
+        raise HostCannotResume(
+            f"{what} needs QEMU devices {missing}{saved}, which this host's QEMU {here} "
+            f"({binary}) does not offer: {hint}"
+        )
+    if known and _version_tuple(known[-1]) > _version_tuple(here):
+        raise HostCannotResume(
+            f"{what} was saved by QEMU {known[-1]}, newer than this host's QEMU {here} "
+            f"({binary}): a QEMU only loads snapshots of its own or older versions; use a host "
+            f"with QEMU >= {known[-1]}"
+        )
 
 
 # --- launch description ------------------------------------------------------------------------
@@ -186,9 +254,10 @@ def _check_boot_files(spec: LaunchSpec) -> None:
 
 
 def build_command(
-    spec: LaunchSpec, qmp_sock: Path, console_sock: Path, binary: str = QEMU_BINARY
+    spec: LaunchSpec, qmp_sock: Path, console_sock: Path, binary: str | None = None
 ) -> list[str]:
     """The qemu-system command line for `spec` (device set derived from spec.config only)."""
+    binary = binary or qemu_binary()
     cfg = spec.config
     if resolve_machine(cfg.machine, binary) != cfg.machine:
         raise ConfigMismatch(
@@ -343,8 +412,10 @@ class QemuVM:
     # -- lifecycle
 
     @classmethod
-    def launch(cls, spec: LaunchSpec, binary: str = QEMU_BINARY, timeout: float = 30.0) -> QemuVM:
-        """Start QEMU for `spec`, connect QMP and the console; start a restore if incoming."""
+    def launch(cls, spec: LaunchSpec, binary: str | None = None, timeout: float = 30.0) -> QemuVM:
+        """Start QEMU for `spec` (default qemu_binary()), connect QMP and the console; start a
+        restore if incoming."""
+        binary = binary or qemu_binary()
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not Path(spec.disk).exists():

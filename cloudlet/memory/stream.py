@@ -5,14 +5,18 @@ A memory snapshot is the stream QEMU writes for `migrate` (or libvirt's `virsh s
 plus a `MemoryLayout` holding everything else verbatim; `emit_stream` writes a stream that
 `qemu -incoming` accepts from such an image and layout.
 
-Stream grammar handled (QEMU 7.2, migration/savevm.c and migration/ram.c):
+Stream grammar handled (QEMU 7.2 to 10.0, migration/savevm.c and migration/ram.c; the
+per-version details are in docs/qemu-stream.md):
 
     "QEVM" be32(3) [0x07 config] ram:START{MEM_SIZE+blocks, EOS} ram:PART{pages, EOS}*
-    ram:END{pages, EOS} <tail: device sections, EOF, optional VMDESCRIPTION JSON>
+    [COMMAND SWITCHOVER_START] ram:END{pages, EOS} <tail: device sections, EOF,
+    optional VMDESCRIPTION JSON>
 
 Every section ends with a footer 0x7e + be32 section id on machine types that send footers.
-Anything else (other iterative sections, postcopy commands, compressed or XBZRLE pages, RDMA
-hooks) is refused with MemoryStreamError naming what was found and where.
+QEMU >= 10.0 sends the SWITCHOVER_START command on machine types >= 10.0; it is kept in the
+layout and emitted back in the same place. Anything else (other iterative sections, other
+commands such as postcopy's, compressed or XBZRLE pages, RDMA hooks) is refused with
+MemoryStreamError naming what was found and where.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ _SECTION_NAMES = {
     SEC_SUBSECTION: "SUBSECTION",
     SEC_VMDESCRIPTION: "VMDESCRIPTION",
     SEC_CONFIGURATION: "CONFIGURATION",
-    SEC_COMMAND: "COMMAND (postcopy / return path)",
+    SEC_COMMAND: "COMMAND",
     SEC_FOOTER: "SECTION_FOOTER",
 }
 
@@ -76,6 +80,27 @@ RAM_SAVE_FLAG_XBZRLE = 0x40
 RAM_SAVE_FLAG_HOOK = 0x80
 RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
 RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+
+# QEMU_VM_COMMAND numbers (migration/savevm.c, enum qemu_vm_cmd).
+MIG_CMD_SWITCHOVER_START = 11
+_COMMAND_NAMES = {
+    0: "INVALID",
+    1: "OPEN_RETURN_PATH",
+    2: "PING",
+    3: "POSTCOPY_ADVISE",
+    4: "POSTCOPY_LISTEN",
+    5: "POSTCOPY_RUN",
+    6: "POSTCOPY_RAM_DISCARD",
+    7: "PACKAGED",
+    8: "ENABLE_COLO",
+    9: "POSTCOPY_RESUME",
+    10: "RECV_BITMAP",
+    MIG_CMD_SWITCHOVER_START: "SWITCHOVER_START",
+}
+# Layout.extra key: version of the QEMU that wrote the stream ("10.0.2"), set by the capture.
+SAVED_BY_QEMU = "qemu_version"
+# Layout.extra key: the stream had SWITCHOVER_START before the ram END section (QEMU >= 10.0).
+SWITCHOVER_START = "switchover_start"
 
 _FLAG_NAMES = {
     RAM_SAVE_FLAG_FULL: "FULL (obsolete)",
@@ -97,6 +122,7 @@ _OUT_BATCH = 1 << 20  # small output pieces gathered before one write
 _MIN_HOLE = 256 << 10  # shorter holes may be read and scanned with the data around them
 _ZERO_BATCH = 1 << 17  # ZERO records built per numpy array for a hole (1.1 MiB of stream)
 
+_BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
@@ -148,6 +174,13 @@ class MemoryLayout:
             return 0
         last = self.blocks[-1]
         return last.offset + _align(last.length, self.page_size)
+
+    @property
+    def saved_by(self) -> str | None:
+        """Version of the QEMU that wrote the stream; None when the capture did not record it
+        (layouts made before cloudlet kept it)."""
+        version = self.extra.get(SAVED_BY_QEMU)
+        return version if isinstance(version, str) else None
 
     @property
     def ram_total(self) -> int:
@@ -506,7 +539,14 @@ def _parse_ram(r: _Reader, layout: MemoryLayout, fd: int) -> None:
     layout.footers = r.peek_u8("section footer") == SEC_FOOTER
     _footer(r, layout, sid)
     while True:
+        while r.peek_u8("ram pages") == SEC_COMMAND:
+            _switchover_start(r, layout)
         kind, got, at = _section_header(r, "ram pages")
+        if layout.extra.get(SWITCHOVER_START) and kind != SEC_END:
+            raise MemoryStreamError(
+                f"{_SECTION_NAMES.get(kind)} at byte {at} after the SWITCHOVER_START command: "
+                "only the ram SECTION_END may follow it"
+            )
         if kind == SEC_START:
             other = r.str8("section name")
             raise MemoryStreamError(
@@ -523,6 +563,23 @@ def _parse_ram(r: _Reader, layout: MemoryLayout, fd: int) -> None:
         if kind == SEC_END:
             break
     writer.flush()
+
+
+def _switchover_start(r: _Reader, layout: MemoryLayout) -> None:
+    """The one command accepted: QEMU >= 10.0's SWITCHOVER_START (no payload) before ram END."""
+    at = r.offset
+    r.u8("command")
+    cmd = _BE16.unpack(r.take(2, "command number"))[0]
+    length = _BE16.unpack(r.take(2, "command length"))[0]
+    name = _COMMAND_NAMES.get(cmd, "unknown")
+    if cmd != MIG_CMD_SWITCHOVER_START or length != 0:
+        raise MemoryStreamError(
+            f"unexpected COMMAND {name} ({cmd}, {length} bytes) at byte {at} while reading ram "
+            "pages: save the snapshot without postcopy / return path / COLO"
+        )
+    if layout.extra.get(SWITCHOVER_START):
+        raise MemoryStreamError(f"second SWITCHOVER_START command at byte {at}")
+    layout.extra[SWITCHOVER_START] = True
 
 
 def _parse_block_list(r: _Reader, layout: MemoryLayout) -> None:
@@ -630,19 +687,30 @@ def _parse_tail(r: _Reader) -> bytes:
     """Everything after the ram END section, kept verbatim after a check that it is complete."""
     at = r.offset
     tail = r.rest()
-    # QEMU ends with EOF, optionally followed by VMDESCRIPTION: 0x06 be32(len) JSON.
-    i = tail.rfind(b'{"page_size"')
-    complete = (
-        i >= 6
-        and tail[i - 6 : i - 4] == bytes([SEC_EOF, SEC_VMDESCRIPTION])
-        and _BE32.unpack_from(tail, i - 4)[0] == len(tail) - i
-    ) or (tail.endswith(bytes([SEC_EOF])) and len(tail) > 1)
+    complete = _has_vm_description(tail) or (tail.endswith(bytes([SEC_EOF])) and len(tail) > 1)
     if not complete:
         raise MemoryStreamError(
             f"migration stream truncated: the device state after byte {at} does not end with "
             "EOF (or EOF + VM description)"
         )
     return tail
+
+
+def _has_vm_description(tail: bytes) -> bool:
+    """Whether `tail` ends with EOF + VMDESCRIPTION: 0x00 0x06 be32(len) and len bytes of JSON.
+
+    Found by structure, not by the JSON's first key: QEMU 7.2 starts it with "page_size", 8.2
+    and later with "configuration". JSON holds no NUL byte, so the EOF is one of the last
+    0x00 0x06 pairs; the first from the end whose length reaches exactly the end is it.
+    """
+    marker = bytes([SEC_EOF, SEC_VMDESCRIPTION])
+    end = len(tail)
+    while (i := tail.rfind(marker, 0, end)) >= 0:
+        if i + 6 < len(tail) and tail[i + 6] == ord("{"):
+            if _BE32.unpack_from(tail, i + 2)[0] == len(tail) - i - 6:
+                return True
+        end = i + 1  # the next candidate may overlap this one (0x00 0x06 0x00 0x06 ...)
+    return False
 
 
 class _Output:
@@ -703,6 +771,8 @@ def emit_stream(
         if os.fstat(fd).st_size < layout.size:  # holes past a new end would read as zeros
             raise MemoryStreamError(f"memory image {image} was truncated while being emitted")
     o.write(eos + footer)
+    if layout.extra.get(SWITCHOVER_START):
+        o.write(bytes([SEC_COMMAND]) + _BE16.pack(MIG_CMD_SWITCHOVER_START) + _BE16.pack(0))
     o.write(bytes([SEC_END]) + _BE32.pack(sid) + eos + footer)
     o.write(layout.tail)
     o.flush()

@@ -18,10 +18,10 @@ from cloudlet.disk import changed_disk_chunks, create_cow, virtual_size
 from cloudlet.errors import ConfigMismatch
 from cloudlet.hashing import tree_digest_with_overrides, window_digests
 from cloudlet.home import CloudletHome
-from cloudlet.hypervisor.config import VMConfig
+from cloudlet.hypervisor.config import VMConfig, qemu_binary, qemu_version
 from cloudlet.hypervisor.qemu import QemuVM
 from cloudlet.index import ChunkIndex
-from cloudlet.memory.stream import MemoryLayout, open_snapshot, parse_stream
+from cloudlet.memory.stream import SAVED_BY_QEMU, MemoryLayout, open_snapshot, parse_stream
 from cloudlet.overlay.order import AccessTrace, reorder_overlay
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.overlay.writer import OverlayInfo, OverlayWriter
@@ -55,7 +55,8 @@ def create_overlay(
     run_dir = home.new_run_dir("overlay")
     try:
         snapshot, disk = capture_customised(base, run_dir, custom, spec.host, stats)
-        return build_overlay(base, snapshot, disk, spec, stats, work_dir=run_dir)
+        saved_by = qemu_version(qemu_binary())
+        return build_overlay(base, snapshot, disk, spec, stats, work_dir=run_dir, saved_by=saved_by)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -102,6 +103,7 @@ def build_overlay(
     spec: OverlaySpec,
     stats: Stats,
     work_dir: Path,
+    saved_by: str | None = None,
 ) -> OverlayInfo:
     """The data half of capture: a saved memory snapshot + the VM's disk -> overlay file.
 
@@ -109,6 +111,8 @@ def build_overlay(
 
     `disk` is a qcow2 over the base's raw disk (only its allocated clusters are compared) or a
     full raw image (scanned). `work_dir` holds the parsed memory image while the overlay is built.
+    `saved_by` is the version of the QEMU that wrote the snapshot, recorded in the overlay's
+    layout so a host with an older QEMU refuses it before fetching its frames.
     """
     config = VMConfig.from_dict(base.config)
     layout = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes())
@@ -117,6 +121,8 @@ def build_overlay(
         src, _kind = open_snapshot(memory_snapshot)  # a bare QEMU stream or a `virsh save` file
         with stats.stage("parse memory", memory_snapshot.stat().st_size), src:
             custom_layout = parse_stream(src, memory)
+        if saved_by is not None:
+            custom_layout.extra[SAVED_BY_QEMU] = saved_by
         if not custom_layout.ram_compatible(layout):
             raise ConfigMismatch("the customised VM's RAM blocks differ from the base's")
         if spec.access_order is None:

@@ -7,8 +7,9 @@
 
 It reads nova.conf for the message bus and the usual OS_* environment (an admin's credentials)
 for a Keystone token: the compute host talks to Glance with that token, and the server's host is
-looked up through the Nova API. Progress lines go to stderr, the result (image ids) to stdout.
-Until the cloudlet REST API exists this is how bases and overlays get into Glance.
+looked up through the Nova API. `base register` is for admins only and reads packages only from
+the compute host's `[cloudlet] base_import_dir`. Progress lines go to stderr, the result (image
+ids) to stdout. Until the cloudlet REST API exists this is how bases and overlays get into Glance.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def _add_parsers(subparsers: Any) -> None:
     base = subparsers.add_parser("base", help="base VMs").add_subparsers(dest="action")
     base.required = True
     reg = base.add_parser("register", help="register an engine base package (.cbase)")
-    reg.add_argument("package", help="path of the .cbase file ON THE COMPUTE HOST")
+    reg.add_argument("package", help="path of the .cbase file ON THE COMPUTE HOST, inside its "
+                     "[cloudlet] base_import_dir (absolute, or relative to that directory)")
     reg.add_argument("--host", dest="compute_host",
                      help="compute host that imports it (default: [DEFAULT] host)")
     reg.add_argument("--name", dest="image_name", help="image name (default: the base name)")
@@ -148,7 +150,7 @@ def run(
     action = (category.name, category.action)
     if action == ("base", "register"):
         task = client.register_base(ctxt, host, CloudletRegisterBaseRequest(
-            task_id=task_id, package_path=os.path.abspath(category.package),
+            task_id=task_id, package_path=category.package,
             name=category.image_name, public=category.public))  # fmt: skip
     elif action == ("base", "create"):
         task = client.create_base(ctxt, host, CloudletCreateBaseRequest(

@@ -20,7 +20,9 @@ from xml.etree import ElementTree
 
 import fixtures
 import numpy as np
+from nova import exception
 from nova.tests.fixtures import libvirt as fakelibvirt
+from nova.tests.fixtures.nova import PROJECT_ID
 
 from cloudlet.basevm.store import BaseStore, BaseVM
 from cloudlet.hashing import file_sha256
@@ -32,6 +34,8 @@ from cloudlet.overlay.create import OverlaySpec, build_overlay
 from cloudlet.stats import Stats
 from cloudlet_nova import glance
 
+PROJECT_A = PROJECT_ID  # the project of the test's own API client (self.api)
+PROJECT_B = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0"
 MiB = 1 << 20
 PAGE = 4096
 MEMORY_MIB = 4  # the snapshot's RAM; flavors booting it need exactly this
@@ -135,31 +139,109 @@ class GlanceBase:
 
 
 def upload_base(glance_fixture: object, base: BaseVM, *, memory_image: str | None = None,
-                disk_data: bytes | None = None) -> GlanceBase:
-    """Register `base` in the GlanceFixture as the two images of docs/nova.md."""
+                disk_data: bytes | None = None, memory_data: bytes | None = None,
+                owner: str = PROJECT_A, visibility: str = "private") -> GlanceBase:
+    """Register `base` in the GlanceFixture as the two images of docs/nova.md, owned by
+    `owner` (the disk's memory link and the data of either image can be replaced)."""
     disk_id, memory_id = str(uuid.uuid4()), str(uuid.uuid4())
-    bundle = io.BytesIO()
-    glance.write_memory_bundle(base, bundle)
+    base_id = base.id
+    bundle = io.BytesIO(memory_data or b"")
+    if memory_data is None:
+        glance.write_memory_bundle(base, bundle)
     glance_fixture.create(None, {
         "id": memory_id, "name": f"{base.name}-memory", "disk_format": "raw",
-        "container_format": "bare", "status": "active",
-        "properties": glance.base_memory_properties(base.id, disk_id),
+        "container_format": "bare", "status": "active", "owner": owner, "visibility": visibility,
+        "properties": glance.base_memory_properties(base_id, disk_id),
     }, data=io.BytesIO(bundle.getvalue()))
     glance_fixture.create(None, {
         "id": disk_id, "name": base.name, "disk_format": "raw", "container_format": "bare",
-        "status": "active", "min_ram": 0, "min_disk": 0,
-        "properties": glance.base_disk_properties(base.id, memory_image or memory_id),
+        "status": "active", "min_ram": 0, "min_disk": 0, "owner": owner, "visibility": visibility,
+        "properties": glance.base_disk_properties(base_id, memory_image or memory_id),
     }, data=io.BytesIO(disk_data if disk_data is not None else base.disk_path.read_bytes()))
     return GlanceBase(disk_id, memory_id)
 
 
-def upload_overlay(glance_fixture: object, data: bytes, base_id: str, disk_image: str) -> str:
+def upload_overlay(glance_fixture: object, data: bytes, base_id: str, disk_image: str, *,
+                   owner: str = PROJECT_A, visibility: str = "private") -> str:
     image_id = str(uuid.uuid4())
     glance_fixture.create(None, {
         "id": image_id, "name": "overlay", "disk_format": "raw", "container_format": "bare",
-        "status": "active", "properties": glance.overlay_properties(base_id, disk_image),
+        "status": "active", "owner": owner, "visibility": visibility,
+        "properties": glance.overlay_properties(base_id, disk_image),
     }, data=io.BytesIO(data))
     return image_id
+
+
+class GlanceAsGlanceFixture(fixtures.Fixture):
+    """Nova's GlanceFixture made to answer as Glance does about who may read an image and what
+    its data hashes to. Glance cannot run inside Nova's functional framework; its fixture (one
+    dict of images) lets every context read every image and records no digests, which would
+    make every isolation test pass vacuously. With this:
+
+    - an image is readable (show, download, listing) by an admin, by its owner's project, or by
+      anyone when its visibility is public/community; otherwise show and download answer
+      ImageNotFound (Glance's 404 for another project's image). Calls the test makes itself
+      (context None) stand for the operator and read everything;
+    - an image created by a project is owned by it (top-level `owner`, as Nova's image API
+      returns Glance's attribute); images the test creates name their owner;
+    - on create, os_hash_algo/os_hash_value (sha512) and checksum (md5) are computed from the
+      data; values a caller tries to set are dropped, as Glance forbids setting them;
+    - only an admin or the owner deletes an image.
+    """
+
+    def __init__(self, glance_fixture: object) -> None:
+        super().__init__()
+        self.glance = glance_fixture
+
+    @staticmethod
+    def readable(context: object, image: dict) -> bool:
+        if context is None or getattr(context, "is_admin", False):
+            return True
+        if image.get("visibility", "public") in ("public", "community"):
+            return True
+        return image.get("owner") is not None and image.get("owner") == context.project_id
+
+    def _setUp(self) -> None:
+        g = self.glance
+        show, create, detail, delete = g.show, g.create, g.detail, g.delete
+
+        def visible_show(context, image_id, include_locations=False, show_deleted=True):
+            image = show(context, image_id, include_locations=include_locations,
+                         show_deleted=show_deleted)
+            if not self.readable(context, image):
+                raise exception.ImageNotFound(image_id=image_id)
+            return image
+
+        def hashed_create(context, metadata, data=None):
+            metadata = dict(metadata)
+            props = dict(metadata.get("properties") or {})
+            for key in ("os_hash_algo", "os_hash_value", "checksum"):
+                metadata.pop(key, None)
+                props.pop(key, None)
+            metadata["properties"] = props
+            if context is not None:
+                metadata["owner"] = context.project_id
+            payload = data.read() if data is not None else None
+            if payload is not None:
+                metadata.update(os_hash_algo="sha512", size=len(payload),
+                                os_hash_value=hashlib.sha512(payload).hexdigest(),
+                                checksum=hashlib.md5(payload).hexdigest())  # noqa: S324
+            return create(context, metadata,
+                          data=io.BytesIO(payload) if payload is not None else None)
+
+        def visible_detail(context, **kwargs):
+            return [i for i in detail(context, **kwargs) if self.readable(context, i)]
+
+        def owner_delete(context, image_id):
+            image = show(context, image_id)
+            if not (context is None or context.is_admin
+                    or image.get("owner") == context.project_id):
+                raise exception.ImageNotAuthorized(image_id=image_id)
+            return delete(context, image_id)
+
+        for name, new in (("show", visible_show), ("create", hashed_create),
+                          ("detail", visible_detail), ("delete", owner_delete)):
+            self.useFixture(fixtures.MockPatchObject(g, name, new))
 
 
 @dataclass

@@ -3,13 +3,22 @@ an engine package, created from a running instance. fakelibvirt stands for libvi
 
 from __future__ import annotations
 
+import contextlib
 import io
+import shutil
+import types
 import uuid
+from pathlib import Path
+
+import fixtures
+from nova import context as nova_context
+from nova import exception
 
 from cloudlet.basevm.package import export_base
 from cloudlet.basevm.store import BaseStore
 from cloudlet.home import CloudletHome
 from cloudlet_nova import glance
+from cloudlet_nova.cmd import manage
 from cloudlet_nova.objects import (
     CloudletCreateBaseRequest,
     CloudletRegisterBaseRequest,
@@ -20,10 +29,17 @@ from cloudlet_nova.tests.capture_base import HOST, CaptureTestBase
 
 
 class BaseTest(CaptureTestBase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.flags(base_import_dir=str(self.scratch), group="cloudlet")
+
     def register(self, package: str, name: str | None = None):  # noqa: ANN201
-        request = CloudletRegisterBaseRequest(task_id=str(uuid.uuid4()), package_path=package,
-                                              name=name)
-        return self.wait(self.client.register_base(self.ctxt, HOST, request))
+        return self.wait(self.client.register_base(self.ctxt, HOST, self.request(package, name)))
+
+    @staticmethod
+    def request(package: str, name: str | None = None) -> CloudletRegisterBaseRequest:
+        return CloudletRegisterBaseRequest(task_id=str(uuid.uuid4()), package_path=package,
+                                           name=name)
 
     def assert_linked_pair(self, images: dict[str, str], base_id: str) -> None:
         disk = glance.describe(self.glance.show(None, images["disk"]))
@@ -97,3 +113,48 @@ class BaseTest(CaptureTestBase):
         second = self.boot(task.images["disk"])
         self.assertEqual(self.libvirt_fx.streams[server["id"]],
                          self.libvirt_fx.streams[second["id"]])
+
+    def test_register_is_for_admins_and_reads_only_the_import_directory(self) -> None:
+        package = self.scratch / "web.cbase"
+        export_base(self.home, self.base.id, package)
+        member = nova_context.RequestContext(user_id="a", project_id=cf.PROJECT_A,
+                                             roles=["reader", "member"])
+        e = self.assertRaises(exception.Forbidden, self.client.register_base, member, HOST,
+                              self.request(str(package)))
+        self.assertIn("for admins", str(e))
+        outside = Path(self.useFixture(fixtures.TempDir()).path)
+        shutil.copyfile(package, outside / "web.cbase")
+        (self.scratch / "escape.cbase").symlink_to(outside / "web.cbase")
+        (self.scratch / "sub").mkdir()
+        for path, words in ((str(outside / "web.cbase"), "outside the import directory"),
+                            ("escape.cbase", "outside the import directory"),
+                            ("sub/../web.cbase", "contains '..'"),
+                            (f"{self.scratch}/../web.cbase", "contains '..'"),
+                            ("/etc/passwd", "outside the import directory")):
+            e = self.assertRaises(exception.Invalid, self.client.register_base, self.ctxt, HOST,
+                                  self.request(path))
+            self.assertIn(words, str(e))
+        self.flags(base_import_dir=None, group="cloudlet")
+        e = self.assertRaises(exception.Invalid, self.client.register_base, self.ctxt, HOST,
+                              self.request(str(package)))
+        self.assertIn("set [cloudlet] base_import_dir", str(e))
+        self.assertEqual([], self.driver.cache.base_ids())
+        self.assertEqual([], list(self.driver.rpc_server.endpoint.store.directory.iterdir()))
+
+    def test_cloudlet_manage_registers_a_package_for_an_admin(self) -> None:
+        # a name relative to the host's import directory; the admin's context as
+        # cloudlet-manage builds it from a Keystone token
+        export_base(self.home, self.base.id, self.scratch / "web.cbase")
+        admin = nova_context.RequestContext(user_id="admin", project_id=cf.PROJECT_A,
+                                            roles=["reader", "member", "admin"], is_admin=True)
+        category = types.SimpleNamespace(name="base", action="register", package="web.cbase",
+                                         image_name="web", public=False, wait_timeout=120)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            status = manage.run(self.client, admin, HOST, category)
+        self.assertEqual(0, status)
+        lines = dict(line.split() for line in out.getvalue().splitlines())
+        self.assertEqual(self.base.id, lines["base_id"])
+        self.assert_linked_pair({"disk": lines["disk_image"], "memory": lines["memory_image"]},
+                                self.base.id)
+        self.boot(lines["disk_image"])  # and it boots

@@ -15,11 +15,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOMISE = REPO / "tools" / "demo" / "customize.sh"
+QEMU_BACKPORTS = REPO / "tools" / "qemu-backports" / "install.sh"
 
 
-def cloudlet(home: Path, *args: str, check: bool = True, timeout: float = 600,
-             cwd: Path | None = None):
+def cloudlet(
+    home: Path,
+    *args: str,
+    check: bool = True,
+    timeout: float = 600,
+    qemu: str | None = None,
+    cwd: Path | None = None,
+):
+    """Run `cloudlet ARGS` in `home` (from `cwd`); `qemu` overrides the QEMU of this run
+    (CLOUDLET_QEMU)."""
     env = dict(os.environ, CLOUDLET_HOME=str(home))
+    if qemu is not None:
+        env["CLOUDLET_QEMU"] = qemu
     done = subprocess.run(
         [sys.executable, "-m", "cloudlet.cli.main", *args],
         env=env,
@@ -48,11 +59,23 @@ def http_get(port: int, timeout: float = 60) -> str:
 
 
 @pytest.fixture(scope="session")
-def home_a(tmp_path_factory, test_guest: Path) -> Path:
-    """A cloudlet home holding a base VM made from the test guest."""
-    home = tmp_path_factory.mktemp("home-a")
+def newer_qemu() -> str:
+    """QEMU from bookworm-backports, beside the system's (tools/qemu-backports/install.sh)."""
+    try:
+        done = subprocess.run(
+            ["bash", str(QEMU_BACKPORTS)], capture_output=True, text=True, timeout=900
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"installing the backports QEMU timed out after {exc.timeout:.0f} s")
+    if done.returncode != 0:
+        pytest.fail(f"{QEMU_BACKPORTS} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def create_test_base(home: Path, test_guest: Path, qemu: str | None = None, *extra: str):
+    """`cloudlet base create` of the test guest as "testguest" in `home`."""
     g = json.loads((test_guest / "guest.json").read_text())
-    cloudlet(
+    return cloudlet(
         home,
         "base",
         "create",
@@ -69,7 +92,16 @@ def home_a(tmp_path_factory, test_guest: Path) -> Path:
         str(g["memory_mib"]),
         "--ready-marker",
         g["ready_marker"],
+        *extra,
+        qemu=qemu,
     )
+
+
+@pytest.fixture(scope="session")
+def home_a(tmp_path_factory, test_guest: Path) -> Path:
+    """A cloudlet home holding a base VM made from the test guest."""
+    home = tmp_path_factory.mktemp("home-a")
+    create_test_base(home, test_guest)
     return home
 
 

@@ -18,16 +18,19 @@ from pathlib import Path
 import pytest
 
 from cloudlet import fsutil
+from cloudlet.hypervisor.config import QEMU_BINARY, qemu_binary
 from cloudlet.memory import libvirt
 from cloudlet.memory.stream import emit_stream, open_snapshot, parse_stream
 
-QEMU = shutil.which("qemu-system-x86_64")
+QEMU = shutil.which(qemu_binary())  # the run's QEMU: CLOUDLET_QEMU, else the system's
 pytestmark = [
     pytest.mark.qemu,
-    pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
+    pytest.mark.skipif(QEMU is None, reason=f"{qemu_binary()} is not installed"),
 ]
 
-BASE_ARGS = ["-machine", "pc", "-accel", "tcg", "-m", "128", "-nodefaults", "-display", "none"]
+BASE_ARGS = ["-accel", "tcg", "-m", "128", "-nodefaults", "-display", "none"]
+# QEMU's newest i440fx and q35 machine types: from 10.0 on their streams carry SWITCHOVER_START
+MACHINES = ["pc", "q35"]
 PATTERN_ADDR = 64 << 20  # inside pc.ram, far from where SeaBIOS puts itself
 TIMEOUT = 60.0
 
@@ -97,8 +100,10 @@ class Vm:
 
     def __init__(self, workdir: Path, name: str, extra: list[str]) -> None:
         self.sock = workdir / f"{name}.qmp"
+        machine = (workdir / "machine").read_text()
         self.proc = subprocess.Popen(
-            [QEMU, *BASE_ARGS, "-qmp", f"unix:{self.sock},server=on,wait=off", *extra],
+            [QEMU, "-machine", machine, *BASE_ARGS, "-qmp", f"unix:{self.sock},server=on,wait=off",
+             *extra],  # fmt: skip
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -128,9 +133,12 @@ class Vm:
             self.proc.stderr.close()
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("memory")
+@pytest.fixture(scope="module", params=MACHINES)
+def workdir(tmp_path_factory, request) -> Path:
+    """Scratch directory of one machine type's tests; its `machine` file names the type."""
+    path = tmp_path_factory.mktemp(f"memory-{request.param}")
+    (path / "machine").write_text(request.param)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -162,11 +170,12 @@ def parsed(workdir, snapshot):
     return layout, image
 
 
-def test_real_stream_parses_into_guest_physical_layout(parsed, pattern):
+def test_real_stream_parses_into_guest_physical_layout(workdir, parsed, pattern):
     layout, image = parsed
     assert layout.blocks[0].name == "pc.ram" and layout.blocks[0].length == 128 << 20
     assert {"pc.bios", "pc.rom"} <= {b.name for b in layout.blocks}
-    assert layout.machine and layout.machine.startswith("pc-i440fx")
+    want = {"pc": "pc-i440fx-", "q35": "pc-q35-"}[(workdir / "machine").read_text()]
+    assert layout.machine and layout.machine.startswith(want)
     assert os.path.getsize(image) == layout.size
     with open(image, "rb") as f:
         f.seek(PATTERN_ADDR)
@@ -260,11 +269,13 @@ DOMAIN_XML = """<domain type='qemu'>
 
 
 @pytest.mark.qemu
-def test_virsh_save_file_read_edited_and_restored_by_libvirt(workdir, libvirtd):
+@pytest.mark.libvirt
+def test_virsh_save_file_read_edited_and_restored_by_libvirt(tmp_path, libvirtd):
     """Read a real `virsh save`, rewrite it with edited XML and re-emitted RAM, restore it."""
+    workdir = tmp_path
     name = f"cloudlet-test-{os.getpid()}"
     xml = workdir / "domain.xml"
-    xml.write_text(DOMAIN_XML.format(name=name, qemu=QEMU))
+    xml.write_text(DOMAIN_XML.format(name=name, qemu=shutil.which(QEMU_BINARY)))
     saved, rewritten = workdir / "virsh.save", workdir / "rewritten.save"
 
     def virsh(*args: str) -> str:

@@ -16,9 +16,16 @@ from cloudlet.basevm.store import BaseStore
 from cloudlet.errors import AmbiguousBase, BaseExists, BaseNotFound, BaseVMError
 from cloudlet.hashing import file_sha256, image_chunk_digests, tree_digest
 from cloudlet.home import CloudletHome
+from cloudlet.hypervisor.config import VMConfig
+from cloudlet.memory.stream import MemoryLayout, RamBlock
 
 MiB = 1 << 20
-CONFIG = {"machine": "pc-i440fx-7.2", "memory_mib": 4, "vcpus": 1, "name": "tëst"}
+CONFIG = VMConfig(machine="pc-i440fx-7.2", memory_mib=8, append="tëst").to_dict()
+
+
+def base_config(seed: int) -> dict:
+    """A real VM config (package import checks the host can resume it), one per seed."""
+    return dict(CONFIG, append=f"tëst seed={seed}")
 
 
 def make_base_dir(
@@ -37,8 +44,9 @@ def make_base_dir(
         for page in (0, 1, 300, 301, 700):
             f.seek(page * 4096)
             f.write(rng.bytes(4096))
-    (directory / "memory.layout").write_bytes(b"QEVM" + rng.bytes(1000))
-    (directory / "vm-config.json").write_text(json.dumps(dict(CONFIG, seed=seed), indent=2))
+    layout = MemoryLayout([RamBlock("pc.ram", memory_mib * MiB, 0)], head=b"QEVM" + rng.bytes(1000))
+    (directory / "memory.layout").write_bytes(layout.to_bytes())
+    (directory / "vm-config.json").write_text(json.dumps(base_config(seed), indent=2))
     if kernel:
         (directory / "kernel").write_bytes(rng.bytes(70_000))
     return directory
@@ -90,7 +98,7 @@ def test_add_registers_moves_and_survives_reopen(tmp_path, home, store):
     assert base.path == home.bases / want and base.disk_path.read_bytes() == disk_bytes
     assert base.disk_size == 3 * MiB and base.memory_size == 8 * MiB
     assert base.kernel_path == base.path / "kernel" and base.initrd_path is None
-    assert base.config == dict(CONFIG, seed=0)
+    assert base.config == base_config(0)
     for name in ("disk.digests.npy", "disk.lookup.npy", "memory.digests.npy", "memory.lookup.npy"):
         assert (base.path / name).is_file(), name
         assert base.files[name].sha256 == file_sha256(base.path / name)

@@ -24,6 +24,8 @@ from cloudlet.memory.stream import (
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
+    SAVED_BY_QEMU,
+    SWITCHOVER_START,
     MemoryLayout,
     RamBlock,
     emit_stream,
@@ -246,6 +248,77 @@ def test_stream_with_vm_description_is_complete(tmp_path):
     assert layout.tail == tail
     with pytest.raises(MemoryStreamError, match="truncated"):
         parse(stream(tail=tail[:-3]), tmp_path)
+
+
+# What QEMU >= 10.0 writes for machine types >= 10.0: SWITCHOVER_START (command 11, no payload)
+# between the last ram PART and the ram END; the VM description JSON starts with "configuration"
+# (QEMU >= 8.2, whatever the machine type).
+SWITCHOVER = b"\x08" + struct.pack(">HH", 11, 0)
+DESC_10 = b'{"configuration": {"vmsd_name": "configuration"}, "devices": []}'
+TAIL_10 = TAIL + b"\x06" + be32(len(DESC_10)) + DESC_10
+PART = section(rec(0, RAM_SAVE_FLAG_PAGE, "pc.ram", page(7)))
+QEMU10 = HEAD + start_section() + PART + SWITCHOVER + section(b"", 0x03) + TAIL_10
+
+
+def test_qemu10_stream_parses_and_emits_back_its_switchover_command(tmp_path):
+    layout, image = parse(QEMU10, tmp_path)
+    assert layout.extra[SWITCHOVER_START] is True
+    assert layout.tail == TAIL_10 and pages_of(image)[0] == page(7)
+    out = io.BytesIO()
+    emit_stream(layout, tmp_path / "mem.img", out)
+    data = out.getvalue()
+    end = section(b"", 0x03) + TAIL_10
+    assert data.endswith(EOS + footer() + SWITCHOVER + end)  # same place as QEMU put it
+    assert data.count(SWITCHOVER) == 1
+    layout2, image2 = parse(data, tmp_path, "again.img")
+    assert layout2 == layout and image2 == image
+    # a layout stored before the key existed (7.2 streams) emits no command
+    assert SWITCHOVER_START not in parse(BASIC, tmp_path, "old.img")[0].extra
+
+
+def test_vm_description_is_found_by_structure_not_by_first_key(tmp_path):
+    # a description 0x0600 bytes long: its length field itself holds 0x00 0x06
+    desc = b'{"configuration": "' + b"x" * (0x600 - 21) + b'"}'
+    assert len(desc) == 0x600
+    tail = TAIL + b"\x06" + be32(len(desc)) + desc
+    layout, _ = parse(stream(tail=tail), tmp_path)
+    assert layout.tail == tail
+    for broken in (tail[:-1], TAIL[:-1] + b"\x06" + be32(len(desc)) + desc, tail + b"}"):
+        with pytest.raises(MemoryStreamError, match="does not end with EOF"):
+            parse(stream(tail=broken), tmp_path)
+
+
+START = HEAD + start_section()
+END = section(b"", 0x03) + TAIL
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        (START + PART, b"\x08" + struct.pack(">HH", 3, 4) + bytes(4) + END,
+         r"unexpected COMMAND POSTCOPY_ADVISE \(3, 4 bytes\) at byte {at} "),
+        (START, b"\x08" + struct.pack(">HH", 99, 0) + END,
+         r"unexpected COMMAND unknown \(99, 0 bytes\) at byte {at} "),
+        (START, b"\x08" + struct.pack(">HH", 11, 2) + bytes(2) + END,
+         r"COMMAND SWITCHOVER_START \(11, 2 bytes\) at byte {at} "),
+        (START + SWITCHOVER, PART + END,
+         "SECTION_PART at byte {at} after the SWITCHOVER_START command"),
+        (START + SWITCHOVER, SWITCHOVER + END, "second SWITCHOVER_START command at byte {at}"),
+    ],
+    ids=["postcopy", "unknown", "switchover-with-payload", "part-after", "twice"],
+)  # fmt: skip
+def test_commands_other_than_one_switchover_start_fail_with_name_and_offset(
+    tmp_path, before, after, message
+):
+    with pytest.raises(MemoryStreamError, match=message.format(at=len(before))):
+        parse(before + after, tmp_path)
+
+
+def test_layout_keeps_the_qemu_version_that_saved_it(tmp_path):
+    layout, _ = parse(BASIC, tmp_path)
+    assert layout.saved_by is None  # as in layouts stored before cloudlet recorded it
+    layout.extra[SAVED_BY_QEMU] = "10.0.2"
+    assert MemoryLayout.from_bytes(layout.to_bytes()).saved_by == "10.0.2"
 
 
 @pytest.mark.parametrize(
