@@ -22,6 +22,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as the process's umask lets a new file have it (read from /proc: os.umask can
+    only be read by setting it, which would race other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return mode & ~umask
+
+
 def clone_sparse(src: Path, dst: Path) -> None:
     """Copy an image, sharing extents where the filesystem can (reflink), leaving holes as holes.
 

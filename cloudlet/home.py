@@ -68,6 +68,11 @@ class CloudletHome:
     def base_dir(self, base_id: str) -> Path:
         return self.bases / base_id
 
+    def sweep(self) -> list[Path]:
+        """Remove what dead processes left in runs/ and tmp/ (their stale FUSE mounts too);
+        a server does this at start, not only when its first synthesis needs a run dir."""
+        return remove_orphans(self.runs) + remove_orphans(self.tmp)
+
     def make_staging_dir(self, prefix: str = "staging-") -> Path:
         """A fresh private directory under tmp/, renameable into bases/ atomically."""
         return self._owned_dir(self.tmp, prefix)

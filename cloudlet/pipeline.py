@@ -524,6 +524,8 @@ class Pipeline:
                     _skip(stream, fr.offset - pos, self.reader.name, i)
                     data, verified = _read_exact(stream, fr.length, self.reader.name, i), False
                     pos = fr.offset + fr.length
+                    if i == len(frames) - 1 and not own:
+                        self._check_ends(stream)  # before the last frame can complete it
                 self._add_seconds("fetch", time.perf_counter() - t)
                 if taken:  # read only to get past it: the demand fetcher has it already
                     self._count(bytes_fetched=fr.length, bytes_fetched_twice=fr.length)
@@ -533,6 +535,17 @@ class Pipeline:
         finally:
             if own and stream is not None:
                 stream.close()
+
+    def _check_ends(self, stream: BinaryIO) -> None:
+        """A one-shot stream (an upload) must end with the overlay: bytes past it would fill
+        the sender's pipe with nobody left to read them, and its request would never end."""
+        if self.source is None or self.source.random_access:
+            return
+        if stream.read(1):
+            raise CorruptOverlay(
+                f"{self.reader.name} goes on past the end of its overlay "
+                f"({self.reader.total_length} bytes): send the overlay file only"
+            )
 
     def _demand_loop(self) -> None:
         """Demanded frames by byte range, through a connection of their own."""

@@ -13,31 +13,40 @@ class Stage:
     name: str
     seconds: float = 0.0
     bytes: int = 0
+    failed: bool = False  # ended by an exception: never shown as "ok"
 
 
 @dataclass
 class Stats:
-    """Ordered stage timings plus free-form counters, printed by the CLI and kept in overlays."""
+    """Ordered stage timings plus counters, printed by the CLI and kept in overlays.
+
+    Counters are numbers (a unit, if any, ends the name: "first response after s"), so that
+    --json output is numbers a script can compare, not text to parse.
+    """
 
     stages: dict[str, Stage] = field(default_factory=dict)
-    counters: dict[str, int | float | str] = field(default_factory=dict)
-    # told when a stage starts (seconds None) and ends: the CLI's live stage line
-    listener: Callable[[str, float | None], None] | None = None
+    counters: dict[str, int | float] = field(default_factory=dict)
+    # told when a stage starts (seconds None) and ends, and whether it failed: the CLI's live
+    # stage line
+    listener: Callable[[str, float | None, bool], None] | None = None
 
     @contextmanager
     def stage(self, name: str, nbytes: int = 0) -> Iterator[Stage]:
         st = self.stages.setdefault(name, Stage(name))
         start = time.monotonic()
         if self.listener:
-            self.listener(name, None)
+            self.listener(name, None, False)
+        failed = True
         try:
             yield st
+            failed = False
         finally:
             elapsed = time.monotonic() - start
             st.seconds += elapsed
             st.bytes += nbytes
+            st.failed = st.failed or failed
             if self.listener:
-                self.listener(name, elapsed)
+                self.listener(name, elapsed, failed)
 
     def total_seconds(self) -> float:
         return sum(s.seconds for s in self.stages.values())
@@ -45,7 +54,7 @@ class Stats:
     def as_dict(self) -> dict:
         return {
             "stages": {
-                k: {"seconds": round(s.seconds, 4), "bytes": s.bytes}
+                k: {"seconds": round(s.seconds, 4), "bytes": s.bytes, "failed": s.failed}
                 for k, s in self.stages.items()
             },
             "counters": dict(self.counters),
@@ -56,10 +65,12 @@ class Stats:
         lines = []
         for s in self.stages.values():
             extra = f"  {human_bytes(s.bytes):>10}" if s.bytes else ""
-            lines.append(f"  {s.name:<{width}}  {s.seconds:8.2f} s{extra}")
+            failed = "  FAILED" if s.failed else ""
+            lines.append(f"  {s.name:<{width}}  {s.seconds:8.2f} s{extra}{failed}")
         lines.append(f"  {'total':<{width}}  {self.total_seconds():8.2f} s")
         for k, v in self.counters.items():
-            lines.append(f"  {k:<{width}}  {v}")
+            shown = f"{v:.2f}" if isinstance(v, float) else str(v)
+            lines.append(f"  {k:<{width}}  {shown}")
         return "\n".join(lines)
 
 
@@ -117,7 +128,8 @@ class Progress:
 
 
 class StageLine:
-    """Shows which stage is running: `... boot until ready` then `ok  boot until ready  8.9 s`.
+    """Shows which stage is running: `... boot until ready` then `ok  boot until ready  8.9 s`
+    (or `FAILED boot until ready  8.9 s`: the error follows).
 
     On a terminal the running line is rewritten in place; in logs each end gets its own line.
     """
@@ -126,10 +138,12 @@ class StageLine:
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
 
-    def __call__(self, name: str, seconds: float | None) -> None:
+    def __call__(self, name: str, seconds: float | None, failed: bool = False) -> None:
         if seconds is None:
             if self.tty:
                 self.out.write(f"\r\033[K... {name}")
         else:
-            self.out.write(("\r\033[K" if self.tty else "") + f"ok  {name}  {seconds:.2f} s\n")
+            outcome = "FAILED" if failed else "ok "
+            line = f"{outcome} {name}  {seconds:.2f} s\n"
+            self.out.write(("\r\033[K" if self.tty else "") + line)
         self.out.flush()

@@ -46,6 +46,7 @@ LOG = logging.getLogger(__name__)
 
 IMAGE_NAMES = {Target.DISK: "disk.raw", Target.MEMORY: "memory.img"}  # also the trace's names
 RAM_VIEW = "guest-ram"  # the cloudletfs file QEMU maps guest RAM from
+_REQUEST_TIMEOUT = 30.0  # one network request without a byte (open_source's default)
 _TEARDOWN_TIMEOUT = 120.0  # QEMU quit (10 s), pipeline join, unmount: each bounded
 
 
@@ -55,9 +56,15 @@ class SynthesisSpec:
     host: HostOptions = field(default_factory=HostOptions)
     timeout: float = 300.0  # bound on each step that waits (restore, a whole local apply)
     early_start: bool = True
-    fetch_deadline: float = 60.0  # a read of a missing chunk waits at most this long
+    fetch_deadline: float = 60.0  # a guest read of a missing chunk, or the source, waits no longer
     allow: AllowList | None = None  # remote URLs the source may be fetched from
     trace_out: Path | None = None  # write the chunk access trace here when the VM stops
+    id: str | None = None  # what logs and status call it (a server passes its own); default new
+
+    def __post_init__(self) -> None:
+        # resolved where the user named it, before anything runs (FileSource does the same)
+        if self.trace_out is not None:
+            self.trace_out = Path(self.trace_out).absolute()
 
 
 def find_base(home: CloudletHome, base_id: str) -> BaseVM:
@@ -109,13 +116,16 @@ def prepare_synthesis(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> 
     with stats.stage("open + verify manifest"):
         if isinstance(spec.source, OverlaySource):
             source = spec.source
-        else:
-            source = open_source(spec.source, allow=spec.allow)
+        else:  # a request may sit silent for half the bound, then once more on a new connection
+            request_timeout = min(_REQUEST_TIMEOUT, spec.fetch_deadline / 2)
+            source = open_source(spec.source, allow=spec.allow, timeout=request_timeout)
+        # a silent source fails the synthesis within one bound, whether the guest waits or idles
+        source.stall_limit = spec.fetch_deadline
         stream: BinaryIO | None = None
         reader: OverlayReader | None = None
         try:
             stream = source.stream(0)
-            reader = OverlayReader.open(stream)
+            reader = OverlayReader.open(stream, name=source.url)
             _skip_to_frames(stream, reader)
             base = find_base(home, reader.base_id)
             layout = check_overlay_fits(reader, base)
@@ -157,7 +167,8 @@ class _FSSink:
         pass  # write_chunks already woke the readers of that frame's chunks
 
     def abort(self, error: BaseException) -> None:
-        self._fs.fail(error)
+        # the synthesis fails cloudletfs with it, unless the owner is stopping it: a pipeline
+        # cut short by a normal stop is no failure to report
         self._on_abort(error)
 
     def commit(self) -> None:
@@ -178,7 +189,7 @@ class Synthesis:
         layout: MemoryLayout,
         stats: Stats,
     ) -> None:
-        self.id = secrets.token_hex(8)
+        self.id = spec.id or secrets.token_hex(8)
         self.home, self.spec, self.base, self.stats = home, spec, base, stats
         self.source, self._stream, self.reader, self.layout = source, stream, reader, layout
         self.vm: QemuVM | None = None
@@ -342,12 +353,12 @@ class Synthesis:
     def _pipeline_done(self) -> None:
         assert self.pipeline is not None
         status = self.pipeline.status()
-        self.stats.counters["overlay complete after"] = (
-            f"{time.monotonic() - self._started_at:.2f} s"
+        self.stats.counters["overlay complete after s"] = round(
+            time.monotonic() - self._started_at, 3
         )
         self.stats.counters["frames fetched on demand"] = status["demand_fetches"]
         for stage, seconds in status["seconds"].items():
-            self.stats.counters[f"  pipeline {stage}"] = f"{seconds:.2f} s"
+            self.stats.counters[f"pipeline {stage} s"] = round(seconds, 3)
         self._complete.set()
 
     def wait_complete(self, timeout: float) -> None:
@@ -432,7 +443,8 @@ class Synthesis:
                     fs.fail(self._error)
                 if self.spec.trace_out is not None:
                     _logged(self._write_trace, fs.trace())
-                self.stats.counters["cloudletfs"] = json.dumps(_fs_summary(fs.stats()))
+                for key, value in _fs_summary(fs.stats()).items():
+                    self.stats.counters[f"cloudletfs {key}"] = value
                 _logged(fs.unmount)
             for closing in (self.reader, self._stream):
                 _logged(closing.close)

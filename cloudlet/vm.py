@@ -13,6 +13,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,18 @@ class HostOptions:
     forwards: list[Forward] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)  # passed to QEMU verbatim
     vnc: str | None = None
+
+    def check_forwarded(self, port: int, what: str) -> None:
+        """Refuse, before anything starts, a wait on a host port no forward reaches the guest
+        by (it could only end at its timeout); forwards in extra QEMU arguments count."""
+        if any(f.proto == "tcp" and f.host_port == port for f in self.forwards):
+            return
+        if any(re.search(rf"hostfwd=tcp:[^,]*:{port}-", arg) for arg in self.extra_args):
+            return
+        raise HypervisorError(
+            f"{what} waits on host port {port}, which no forward reaches the guest by: add "
+            f"--forward tcp:{port}:GUEST_PORT"
+        )
 
 
 class _StreamFeeder(threading.Thread):

@@ -80,7 +80,7 @@ class Progress:
         self.task = task
         self.stats = Stats(listener=self._engine_stage)
 
-    def _engine_stage(self, name: str, seconds: float | None) -> None:
+    def _engine_stage(self, name: str, seconds: float | None, failed: bool) -> None:
         """The engine's own stages (parse memory, diff + dedup, compress) show as sub-stages."""
         own = self.task.stage.split(": ")[0]
         if seconds is None and own and name != own:

@@ -48,10 +48,12 @@ class FuseMount:
 
     def __init__(self, mountpoint: Path, operations: mfusepy.Operations, *,
                  fsname: str, allow_other: bool = False) -> None:
-        self.mountpoint = Path(mountpoint)
+        self.mountpoint = Path(mountpoint).absolute()
         self._ops = operations
+        # max_idle_threads: libfuse 3.14 takes "unset" (UINT_MAX) for an invalid value and
+        # prints "Ignoring invalid max threads value" on every mount; 10 is its old default.
         self._options = {"fsname": fsname, "subtype": fsname, "default_permissions": True,
-                         "allow_other": allow_other}
+                         "allow_other": allow_other, "max_idle_threads": 10}
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -75,6 +77,9 @@ class FuseMount:
         if not os.path.exists("/dev/fuse"):
             raise FilesystemError("/dev/fuse is missing: load the fuse kernel module")
         deadline = time.monotonic() + timeout
+        # fuse_main changes the process's working directory to / before it serves: we put
+        # the caller's back, or relative paths given by the user would name files under /.
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         with _handlers_lock:
             saved = _save_handlers()
             self._thread = threading.Thread(
@@ -87,6 +92,8 @@ class FuseMount:
                         break
             finally:
                 _restore_handlers(saved)
+                os.fchdir(cwd)
+                os.close(cwd)
         if not self._ready.is_set():
             error = self._error
             if self._thread.is_alive():

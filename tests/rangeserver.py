@@ -11,6 +11,8 @@ Faults (all off by default; assign a fresh Faults() to reset):
   drop_after   close the connection after this many body bytes of a response
   drop_at      close the connection when a response reaches this file offset (no progress past it)
   stall_after  stop sending after this many body bytes, for stall_for seconds (None: until stop)
+  stall_at     stop sending when a response reaches this file offset, as stall_after (a source
+               gone silent: a new request for those bytes goes silent there too)
   status       answer every request with this status and an empty body (404, 503, ...)
   times        how many of the faults above may still fire (None: unlimited); each fire counts 1
   truncate_to  serve every file as if only its first N bytes existed (a shorter object)
@@ -48,6 +50,7 @@ class Faults:
     drop_after: int | None = None
     drop_at: int | None = None
     stall_after: int | None = None
+    stall_at: int | None = None
     stall_for: float | None = None
     status: int | None = None
     times: int | None = None
@@ -152,6 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
         if faults.drop_at is not None and start <= faults.drop_at < end:
             drop = min(drop, faults.drop_at)
         stall = end if faults.stall_after is None else min(end, start + faults.stall_after)
+        if faults.stall_at is not None and start <= faults.stall_at < end:
+            stall = min(stall, faults.stall_at)
         began = time.monotonic()
         pos = start
         with open(file, "rb") as f:

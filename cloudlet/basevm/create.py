@@ -1,4 +1,5 @@
-"""Create a base VM: boot a disk, wait for the guest to be ready, save disk + memory, register."""
+"""Create a base VM: boot a disk, wait for the guest to be ready, save disk + memory, check that
+the snapshot resumes into a working guest, register."""
 
 import json
 import logging
@@ -17,18 +18,20 @@ from cloudlet.basevm.store import (
     BaseStore,
     BaseVM,
 )
-from cloudlet.disk import convert_to_raw, disk_format
-from cloudlet.errors import BaseVMError
+from cloudlet.disk import convert_to_raw, create_cow, disk_format
+from cloudlet.errors import BaseVMError, HypervisorError
 from cloudlet.fsutil import clone_sparse
 from cloudlet.hashing import file_sha256
 from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.config import VMConfig, qemu_binary, qemu_version, resolve_machine
 from cloudlet.hypervisor.qemu import LaunchSpec, QemuVM
-from cloudlet.memory.stream import SAVED_BY_QEMU, parse_stream
+from cloudlet.memory.stream import SAVED_BY_QEMU, MemoryLayout, parse_stream
 from cloudlet.stats import Stats
-from cloudlet.vm import HostOptions
+from cloudlet.vm import HostOptions, resume_vm
 
 LOG = logging.getLogger(__name__)
+SECTOR = 512  # a raw disk is whole sectors
+RESUME_ANSWER_TIMEOUT = 30.0  # seconds a resumed guest has to answer on its console or port
 
 
 @dataclass
@@ -65,6 +68,8 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
     for p in (spec.kernel, spec.initrd):
         if p is not None and not p.is_file():
             raise BaseVMError(f"{p} does not exist")
+    if ready.port is not None:
+        spec.host.check_forwarded(ready.port, f"--ready-port {ready.port}")
     staging = home.make_staging_dir("base-")
     run_dir = home.new_run_dir("base")
     try:
@@ -118,6 +123,8 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
         layout.extra[SAVED_BY_QEMU] = qemu_version(qemu_binary())  # checked before resuming
         (staging / LAYOUT).write_bytes(layout.to_bytes())
         stream.unlink()
+        with stats.stage("check resume"):
+            check_resumes(config, staging, layout, run_dir, spec, ready)
         with stats.stage("index + register"):
             known = {KERNEL: kernel_sha, INITRD: initrd_sha}
             base = BaseStore(home).add_from_directory(
@@ -131,12 +138,65 @@ def create_base(home: CloudletHome, spec: BaseSpec, ready: Readiness, stats: Sta
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def check_resumes(
+    config: VMConfig,
+    staging: Path,
+    layout: MemoryLayout,
+    run_dir: Path,
+    spec: BaseSpec,
+    ready: Readiness,
+) -> None:
+    """Resume the saved snapshot once, on a throw-away disk layer, before it is registered: a
+    snapshot whose guest crashes on resume (it happens) would fail every synthesis from it.
+
+    The guest must keep running with no kernel crash on its console, and pass again the check
+    it was made ready by: answer Enter on its console (--ready-marker), or answer on the
+    --ready-port. BaseVMError with its console's end if not.
+    """
+    cow = run_dir / "check.qcow2"
+    create_cow(staging / DISK, cow)
+    try:
+        vm = resume_vm(
+            config,
+            disk=cow,
+            disk_format="qcow2",
+            memory_image=staging / MEMORY,
+            layout=layout,
+            run_dir=run_dir,
+            kernel=staging / KERNEL if spec.kernel else None,
+            initrd=staging / INITRD if spec.initrd else None,
+            host=spec.host,
+            stats=Stats(),
+            timeout=ready.timeout,
+        )
+        with vm:
+            # the check it was made ready by: a guest ready on its console must answer there
+            vm.wait_alive(timeout=min(ready.timeout, RESUME_ANSWER_TIMEOUT),
+                          console_answers=ready.marker is not None)
+            if ready.port is not None:
+                vm.wait_ready(port=ready.port, timeout=min(ready.timeout, RESUME_ANSWER_TIMEOUT))
+    except HypervisorError as e:
+        raise BaseVMError(
+            f"the base was not registered: its memory snapshot does not resume into a working "
+            f"guest ({e}); create it again (a guest that is still busy booting when it is "
+            "snapshotted can fail this way: wait for a later --ready-marker or a --ready-port)"
+        ) from e
+    finally:
+        cow.unlink(missing_ok=True)
+
+
 def copy_disk_as_raw(src: Path, dest: Path) -> None:
     """The base keeps a raw disk: copy raw sparsely, convert anything else with qemu-img."""
     fmt = disk_format(src)
     if fmt != "raw":
         convert_to_raw(src, fmt, dest)
         return
+    size = src.stat().st_size
+    if size == 0 or size % SECTOR:
+        raise BaseVMError(
+            f"{src} is not a disk image: {size} bytes is not a whole number of {SECTOR}-byte "
+            "sectors (raw and qcow2 images are)"
+        )
     try:
         clone_sparse(src, dest)
     except OSError as e:

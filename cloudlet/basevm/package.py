@@ -52,6 +52,7 @@ from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import check_host_can_resume
 from cloudlet.index import ChunkIndex
 from cloudlet.memory.stream import MemoryLayout
+from cloudlet.overlay.format import MAGIC as OVERLAY_MAGIC
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ SUFFIX = ".cbase"
 MANIFEST = "manifest.json"
 MEMBER_ORDER = (CONFIG, LAYOUT, KERNEL, INITRD, MEMORY, DISK)
 ZSTD_LEVEL = 3
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # every package is one zstd frame
 _STREAM_BUFFER = 4 * READ_SIZE
 _GiB = 1 << 30
 MAX_MANIFEST_SIZE = 16 << 20
@@ -226,6 +228,8 @@ def export_base(
     manifest = PackageManifest.for_base(base)
     manifest_bytes = manifest.to_bytes()
     dest = Path(dest).absolute()
+    if not dest.parent.is_dir():
+        raise BasePackageError(f"cannot write {dest}: {dest.parent} is not a directory")
     tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
     mtime = int(base.created.timestamp())
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
@@ -297,7 +301,7 @@ def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
 
 def read_manifest(package: Path) -> PackageManifest:
     """The manifest of a package, reading only its first member."""
-    with open(package, "rb") as f, _PackageStream(f, package) as stream:
+    with _CountingReader(package, None) as f, _PackageStream(f, package) as stream:
         return _read_manifest(stream.tar, package)
 
 
@@ -356,9 +360,18 @@ class _CountingReader:
     """The raw package file, reporting how far into it the decompressor has read."""
 
     def __init__(self, path: Path, progress: Callable[[int], None] | None) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        try:
+            self._f = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        except OSError as e:
+            raise BasePackageError(f"cannot open base package {path}: {e.strerror}") from e
         self._progress = progress
         self.done = 0
+        try:
+            _check_magic(self._f.read(len(_ZSTD_MAGIC)), path)
+        except BaseException:
+            self._f.close()
+            raise
+        self._f.seek(0)
 
     def __enter__(self) -> "_CountingReader":
         return self
@@ -411,6 +424,17 @@ class _PackageStream:
         self._reader.close()
         if isinstance(exc, (tarfile.TarError, zstandard.ZstdError, EOFError)):
             raise _corrupt(self._package, exc) from exc
+
+
+def _check_magic(head: bytes, package: Path) -> None:
+    """A file that is not a zstd stream at all is the wrong file, not a damaged package."""
+    if head == _ZSTD_MAGIC:
+        return
+    what = "a cloudlet overlay" if head == OVERLAY_MAGIC[: len(head)] and head else "not zstd"
+    raise BasePackageError(
+        f"{package} is not a base package ({what}): a .cbase file comes from "
+        "`cloudlet base export`"
+    )
 
 
 def _corrupt(package: Path, e: BaseException) -> BasePackageError:

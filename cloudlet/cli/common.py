@@ -4,10 +4,12 @@ import argparse
 import json
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
-from cloudlet.errors import GuestTimeout
+from cloudlet.errors import CloudletError, GuestTimeout
 from cloudlet.hypervisor.qemu import Forward
 from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions
@@ -40,11 +42,30 @@ def host_options(args: argparse.Namespace) -> HostOptions:
 
 def print_stats(title: str, stats: Stats, as_json: bool = False) -> None:
     if as_json:
-        json.dump(stats.as_dict(), sys.stdout, indent=2)
-        print()
+        print(json.dumps(stats.as_dict()))
     else:
         print(title)
         print(stats.render())
+
+
+def check_url_reachable(url: str, host: HostOptions) -> None:
+    """A --check-url on this machine must reach the guest through one of the run's forwards."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CloudletError(f"--check-url {url}: expected an http(s):// URL")
+    if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host.check_forwarded(port, f"--check-url {url}")
+
+
+def read_user_file(path: Path, what: str) -> str:
+    """A text file the user named, or a CloudletError that names it and why it cannot be read."""
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise CloudletError(f"cannot read {what} {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise CloudletError(f"{what} {path} is not text ({e.reason} at byte {e.start})") from e
 
 
 def wait_for_enter(prompt: str) -> None:

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except CloudletError as exc:
         print(f"cloudlet: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the user named that no message above anticipated
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cloudlet: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("cloudlet: interrupted", file=sys.stderr)
         return 130

@@ -1,17 +1,25 @@
 """`cloudlet overlay ...`: capture an overlay from a customised base, reorder or summarise one."""
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
 from cloudlet.basevm.store import BaseStore
 from cloudlet.chunks import Kind, Target
-from cloudlet.cli.common import add_vm_host_options, host_options, print_stats, wait_for_enter
+from cloudlet.cli.common import (
+    add_vm_host_options,
+    host_options,
+    print_stats,
+    read_user_file,
+    wait_for_enter,
+)
 from cloudlet.codecs import available_codecs
 from cloudlet.home import CloudletHome
 from cloudlet.overlay.create import Customisation, OverlaySpec, create_overlay
 from cloudlet.overlay.order import load_trace, reorder_overlay
 from cloudlet.overlay.reader import OverlayReader
+from cloudlet.sources import AllowList, open_source
 from cloudlet.stats import StageLine, Stats, human_bytes
 
 
@@ -56,15 +64,16 @@ def register(verbs: argparse._SubParsersAction) -> None:
     r.add_argument("-o", "--output", type=Path, required=True, help="overlay file to write")
     r.set_defaults(run=_reorder)
     s = sub.add_parser("show", help="summarise an overlay's manifest")
-    s.add_argument("file", type=Path)
+    s.add_argument("file", help="overlay file, or an http(s):// URL")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_show)
 
 
 def _create(home: CloudletHome, args: argparse.Namespace) -> int:
+    script = read_user_file(args.script, "customisation script") if args.script else None
     base = BaseStore(home).get(args.base)
     custom = Customisation(
-        script=args.script.read_text() if args.script else None,
+        script=script,
         wait_for_user=(lambda vm: wait_for_enter("Customise the guest, then press Enter: "))
         if args.wait
         else None,
@@ -104,12 +113,16 @@ def _reorder(home: CloudletHome, args: argparse.Namespace) -> int:
 
 
 def _show(home: CloudletHome, args: argparse.Namespace) -> int:
-    reader = OverlayReader.open(args.file)
+    # the user's own command line names the URL; only the manifest's prefix is read
+    with open_source(args.file, allow=AllowList.any()) as source:
+        size = source.size()
+        with contextlib.closing(source.stream(0)) as stream:
+            reader = OverlayReader.open(stream, name=source.url)
     summary = reader.summary()
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
-    print(f"overlay      {args.file} ({human_bytes(args.file.stat().st_size)})")
+    print(f"overlay      {source.url} ({human_bytes(size or reader.total_length)})")
     print(f"format       {summary['version']}")
     print(f"base VM      {reader.base_id}")
     for target in Target:

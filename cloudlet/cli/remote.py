@@ -9,6 +9,7 @@ import http.client
 import json
 import select
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -180,39 +181,48 @@ def run_remote(home: CloudletHome, args: argparse.Namespace) -> int:
 
 def _follow(client: ServerClient, status: dict, args: argparse.Namespace, start: float) -> int:
     synthesis_id = status["id"]
-    status = _wait_for(client, synthesis_id, ("running", "complete"), args.timeout)
-    if args.check_url:
-        for url in args.check_url:
-            body = wait_for_url(url, args.timeout)
-            if not args.json:
-                print(f"{url} answered: {body.strip()[:200]}")
+    # one progress line for every wait: the server counts bytes from the request on, so must
+    # its rate (a line per wait divided all bytes so far by the last wait's seconds)
+    line = Progress("synthesis", None)
+    line.start = start
+    status = _wait_for(client, synthesis_id, ("running", "complete"), args.timeout, line)
+    answers: dict[str, str] = {}
+    for url in args.check_url:
+        answers[url] = wait_for_url(url, args.timeout)
+        if not args.json:
+            print(f"{url} answered: {answers[url].strip()[:200]}")
     first = time.monotonic() - start
-    status = _wait_for(client, synthesis_id, ("complete",), args.timeout)
+    status = _wait_for(client, synthesis_id, ("complete",), args.timeout, line)
     stats = _stats_of(status)
     if args.check_url:
-        stats.counters["first response after"] = f"{first:.2f} s"
+        stats.counters["first response after s"] = round(first, 3)
     if args.json:
-        print(json.dumps({**stats.as_dict(), "id": synthesis_id, "server": client.url}, indent=2))
+        print(json.dumps({**stats.as_dict(), "id": synthesis_id, "server": client.url,
+                          "responses": answers}), flush=True)
     else:
         print(f"VM synthesized by {client.url} (synthesis {synthesis_id}) and running")
         print("statistics:")
         print(stats.render())
     if not args.check_and_exit:
-        print("VM running on the server; press Ctrl-C to stop it", flush=True)
+        say = sys.stderr if args.json else sys.stdout  # stdout holds just the JSON
+        print("VM running on the server; press Ctrl-C to stop it", file=say, flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            print("stopping the VM", flush=True)
+            print("stopping the VM", file=say, flush=True)
     return 0
 
 
 def _wait_for(
-    client: ServerClient, synthesis_id: str, states: tuple[str, ...], timeout: float
+    client: ServerClient,
+    synthesis_id: str,
+    states: tuple[str, ...],
+    timeout: float,
+    line: Progress,
 ) -> dict:
-    """Poll until the synthesis reaches one of `states`, with a live progress line."""
+    """Poll until the synthesis reaches one of `states`, showing progress on `line`."""
     deadline = time.monotonic() + timeout
-    line = Progress("synthesis", None)  # created now: its rate counts from the request on
     shown = False
     while True:
         status = client.status(synthesis_id)

@@ -5,11 +5,19 @@ Here by default (early start: the guest resumes while the overlay still streams 
 """
 
 import argparse
+import json
 import signal
+import sys
 import time
 from pathlib import Path
 
-from cloudlet.cli.common import add_vm_host_options, host_options, print_stats, wait_for_url
+from cloudlet.cli.common import (
+    add_vm_host_options,
+    check_url_reachable,
+    host_options,
+    print_stats,
+    wait_for_url,
+)
 from cloudlet.cli.remote import add_remote_options, run_remote
 from cloudlet.home import CloudletHome
 from cloudlet.sources import AllowList
@@ -34,8 +42,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="early start: a guest read of a missing chunk fails (and the synthesis with it) "
-        "if the chunk has not arrived after this long (default 60)",
+        help="the synthesis fails if the overlay source sends nothing for this long, or (early "
+        "start) a guest read of a missing chunk waits longer (default 60)",
     )
     p.add_argument(
         "--trace-out",
@@ -47,8 +55,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--check-and-exit",
         action="store_true",
-        help="stop the VM once it is resumed (and --check-url answered) instead of "
-        "keeping it running until Ctrl-C",
+        help="check, then stop the VM: succeeds only if the guest resumed, every --check-url "
+        "answered and the whole overlay arrived and verified (instead of running until Ctrl-C)",
     )
     p.add_argument(
         "--check-url",
@@ -62,9 +70,14 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--wait-complete",
         action="store_true",
         help="early start: also wait until the whole overlay has arrived and been verified "
-        "before the checks end",
+        "before the checks end (always so with --check-and-exit)",
     )
-    p.add_argument("--json", action="store_true", help="print statistics as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout: statistics (numbers), the synthesis and base ids, "
+        "and each --check-url's answer under \"responses\"",
+    )
     add_vm_host_options(p)
     add_remote_options(p)
     p.set_defaults(run=_run)
@@ -73,10 +86,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
 def _run(home: CloudletHome, args: argparse.Namespace) -> int:
     if args.server:
         return run_remote(home, args)
+    host = host_options(args)
+    for url in args.check_url:
+        check_url_reachable(url, host)
     stats = Stats(listener=StageLine())
     spec = SynthesisSpec(
         source=args.overlay,
-        host=host_options(args),
+        host=host,
         timeout=args.timeout,
         early_start=args.early_start,
         fetch_deadline=args.fetch_deadline,
@@ -85,28 +101,34 @@ def _run(home: CloudletHome, args: argparse.Namespace) -> int:
     )
     start = time.monotonic()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    answers: dict[str, str] = {}
+    # with --json, stdout holds one JSON document: everything for humans goes to stderr
+    say = sys.stderr if args.json else sys.stdout
     with synthesize(home, spec, stats) as synth:
         for i, url in enumerate(args.check_url):
             with stats.stage("first response" if i == 0 else f"response {url}"):
-                body = wait_for_url(url, args.timeout, failed=lambda: synth.error)
+                answers[url] = wait_for_url(url, args.timeout, failed=lambda: synth.error)
             if i == 0:
-                stats.counters["first response after"] = f"{time.monotonic() - start:.2f} s"
+                stats.counters["first response after s"] = round(time.monotonic() - start, 3)
             if not args.json:
-                print(f"{url} answered: {body.strip()[:200]}")
-        if args.wait_complete or not args.early_start:
+                print(f"{url} answered: {answers[url].strip()[:200]}")
+        if args.wait_complete or args.check_and_exit or not args.early_start:
             with stats.stage("rest of the overlay"):
                 synth.wait_complete(args.timeout)
-        if not args.json:
+        if args.json:
+            print(json.dumps({**stats.as_dict(), "id": synth.id, "base_id": synth.base.id,
+                              "responses": answers}), flush=True)
+        else:
             mode = "early start" if args.early_start else "complete overlay"
             print(f"VM synthesized from base {synth.base.id[:16]} ({mode}) and running")
-        print_stats("statistics:", stats, as_json=args.json)
+            print_stats("statistics:", stats)
         if not args.check_and_exit:
-            print("VM running; press Ctrl-C to stop it", flush=True)
+            print("VM running; press Ctrl-C to stop it", file=say, flush=True)
             try:
                 while synth.error is None:
                     time.sleep(1)
             except KeyboardInterrupt:
-                print("stopping the VM", flush=True)
+                print("stopping the VM", file=say, flush=True)
             if synth.error is not None:
                 raise synth.error
     return 0

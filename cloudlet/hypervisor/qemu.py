@@ -57,6 +57,11 @@ KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 GUEST_MAC = "52:54:00:12:34:56"
 CONSOLE_BUFFER_LIMIT = 8 << 20  # keep at most this much console text in memory
+_EXIT_GRACE = 5.0  # seconds a QEMU whose QMP connection broke gets to finish exiting
+# what a guest kernel prints when it has crashed or is about to (checked after a resume)
+_KERNEL_CRASH = re.compile(
+    rb"Kernel panic|kernel BUG at|BUG: |Oops: |general protection fault|exited with irqs disabled"
+)
 MIGRATION_BANDWIDTH = 1 << 40  # bytes/s: unlimited in practice (QEMU's default is 32 MiB/s)
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 
@@ -462,8 +467,12 @@ class QemuVM:
                 raise HypervisorError(f"QEMU did not create {self.qmp.path}: {self._log_tail()}")
             time.sleep(0.02)
         try:
-            self.qmp.connect(max(1.0, deadline - time.monotonic()))
+            self.qmp.connect(max(1.0, deadline - time.monotonic()), check=self._check_alive)
         except HypervisorError:
+            # a QEMU that is exiting resets the connection before it can be reaped: give it a
+            # moment, so the error is its own words rather than the broken socket's
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(_EXIT_GRACE)
             self._check_alive()
             raise
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -544,10 +553,8 @@ class QemuVM:
     def _check_alive(self) -> None:
         code = self.proc.poll()
         if code is not None:
-            raise HypervisorError(
-                f"QEMU (pid {self.proc.pid}) exited with status {code}; "
-                f"{self.run_dir / 'qemu.log'} ends: {self._log_tail()}"
-            )
+            # QEMU's own words, not the log's path: a failed run's directory is removed
+            raise HypervisorError(f"QEMU exited with status {code}: {self._log_tail()}")
 
     def _qmp(self, command: str, arguments: dict[str, Any] | None = None, **kw: Any) -> Any:
         """A QMP command; if QEMU died meanwhile, say so (with its log) instead."""
@@ -835,8 +842,56 @@ class QemuVM:
         while port is not None and not _port_answers(port, probe, min(2.0, timeout)):
             self._check_alive()
             if time.monotonic() > deadline:
-                raise GuestTimeout(f"nothing in the guest answered on host port {port} in time")
+                tail = self.console_output()[-500:]
+                raise GuestTimeout(
+                    f"nothing in the guest answered on host port {port} within {timeout:.0f} s; "
+                    f"console ends: {tail!r}"
+                )
             time.sleep(0.05)
+        return time.monotonic() - started
+
+
+    def wait_alive(
+        self, settle: float = 5.0, timeout: float = 30.0, console_answers: bool = True
+    ) -> float:
+        """After a resume: the guest must still run `settle` seconds on, show no kernel crash on
+        its console, and (`console_answers`: it has a serial console) answer Enter there, with
+        an echo or a prompt, within `timeout`. Returns seconds taken; HypervisorError saying
+        what went wrong (with the console's end)."""
+        started = time.monotonic()
+
+        def refuse(why: str) -> HypervisorError:
+            tail = bytes(self._con_buf[-500:]).decode(errors="replace")
+            return HypervisorError(f"{why}; console ends: {tail!r}")
+
+        deadline = started + settle
+        with self._con_cond:
+            while True:
+                crash = _KERNEL_CRASH.search(self._con_buf)
+                if crash is not None:
+                    raise refuse(f"the guest kernel crashed after the resume ({crash[0].decode()})")
+                if not self.alive():
+                    raise refuse(f"QEMU exited with status {self.proc.poll()} after the resume")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._con_cond.wait(min(remaining, 0.2))
+        state = self.status()
+        if state != "running":
+            raise refuse(f"the guest is {state!r}, not running, after the resume")
+        if not console_answers:
+            return time.monotonic() - started
+        mark = self._console_end()
+        self._console_send(b"\r")
+        try:
+            self._wait_console(re.compile(rb"[\s\S]"), mark, time.monotonic() + timeout)
+        except GuestTimeout:
+            why = f"the guest's console did not answer Enter within {timeout:.0f} s"
+            raise refuse(why) from None
+        with self._con_cond:
+            crash = _KERNEL_CRASH.search(self._con_buf)
+        if crash is not None:
+            raise refuse(f"the guest kernel crashed after the resume ({crash[0].decode()})")
         return time.monotonic() - started
 
 

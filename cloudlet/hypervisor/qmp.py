@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,14 @@ class QMPClient:
         self._buf = b""
         self._next_id = 0
 
-    def connect(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Connect (retrying while the socket is not there yet) and negotiate capabilities."""
+    def connect(
+        self, timeout: float = DEFAULT_TIMEOUT, check: Callable[[], None] | None = None
+    ) -> None:
+        """Connect (retrying while the socket is not there yet) and negotiate capabilities.
+
+        `check` runs between retries and raises to give up at once (QEMU exited: its socket
+        file stays behind and refuses connections).
+        """
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -42,6 +49,8 @@ class QMPClient:
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
+                if check is not None:
+                    check()
                 if time.monotonic() >= deadline:
                     raise HypervisorError(
                         f"QMP socket {self.path} did not accept a connection in {timeout:.0f} s"

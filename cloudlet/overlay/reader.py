@@ -19,7 +19,7 @@ import numpy as np
 
 from cloudlet.chunks import Kind, Target
 from cloudlet.codecs import Codec, get_codec
-from cloudlet.errors import CorruptOverlay, TruncatedOverlay, UnsupportedFormat
+from cloudlet.errors import CorruptOverlay, SourceError, TruncatedOverlay, UnsupportedFormat
 from cloudlet.overlay import format as fmt
 
 LOG = logging.getLogger(__name__)
@@ -47,20 +47,26 @@ class OverlayReader:
         self._load()
 
     @classmethod
-    def open(cls, source: Path | str | BinaryIO) -> "OverlayReader":
+    def open(cls, source: Path | str | BinaryIO, name: str | None = None) -> "OverlayReader":
         """Open and verify header, manifest, chunk map and blob digests.
 
-        Raises UnsupportedFormat (not an overlay, unknown major version or codec),
+        `name` is what messages call a stream (its file or URL). Raises SourceError (cannot
+        open the file), UnsupportedFormat (not an overlay, unknown major version or codec),
         TruncatedOverlay (shorter than declared) or CorruptOverlay (a digest mismatch).
         """
         if isinstance(source, str | os.PathLike):
-            f = open(source, "rb")  # noqa: SIM115 - owned by the reader, closed by close()
             try:
-                return cls(f, owned=True, name=str(source))
+                f = open(source, "rb")  # noqa: SIM115 - owned by the reader, closed by close()
+            except OSError as e:
+                raise SourceError(f"cannot open overlay {source}: {e.strerror}") from e
+            try:
+                return cls(f, owned=True, name=name or str(source))
             except BaseException:
                 f.close()
                 raise
-        return cls(source, owned=False, name=getattr(source, "name", repr(source)))
+        known = getattr(source, "name", None)  # a file's path; an int for a bare descriptor
+        name = name or (known if isinstance(known, str) else "stream")
+        return cls(source, owned=False, name=name)
 
     def close(self) -> None:
         if self._owned:

@@ -25,7 +25,7 @@ import numpy as np
 import cloudlet
 from cloudlet.chunks import CHUNK_SIZE, Kind, Target, chunk_count
 from cloudlet.codecs import Codec, NullCodec, get_codec
-from cloudlet.fsutil import fsync_dir
+from cloudlet.fsutil import fsync_dir, umask_mode
 from cloudlet.overlay import format as fmt
 
 LOG = logging.getLogger(__name__)
@@ -388,6 +388,9 @@ class OverlayWriter:
         )
         try:
             with os.fdopen(fd, "wb") as out:
+                # mkstemp made it 0600; an overlay is for sharing (a web server must be able
+                # to read it), so it gets what open() would give it under the user's umask
+                os.fchmod(out.fileno(), umask_mode())
                 out.write(header)
                 out.write(manifest)
                 out.write(map_comp)

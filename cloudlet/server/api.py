@@ -22,7 +22,7 @@ from cloudlet.errors import (
     WrongBase,
 )
 from cloudlet.server.auth import bearer, token_matches
-from cloudlet.server.manager import Job, Options, SynthesisManager
+from cloudlet.server.manager import Job, Options, SynthesisManager, UploadRate, UploadTooSlow
 
 LOG = logging.getLogger(__name__)
 
@@ -146,6 +146,31 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:  # noqa: N802
         self._handle("PATCH")
 
+    # methods no route takes still get the token check first, then a JSON 405
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._handle("HEAD")
+
+    def do_OPTIONS(self) -> None:  # noqa: N802
+        self._handle("OPTIONS")
+
+    def do_TRACE(self) -> None:  # noqa: N802
+        self._handle("TRACE")
+
+    def do_CONNECT(self) -> None:  # noqa: N802
+        self._handle("CONNECT")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line, an unknown method) as JSON too;
+        past the headers, an unknown method from a client without the token gets 401."""
+        headers = getattr(self, "headers", None)
+        if headers is not None and code == HTTPStatus.NOT_IMPLEMENTED and not token_matches(
+            bearer(headers.get("Authorization")), self.server.api.token
+        ):
+            code, message = HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token"
+        self.close_connection = True
+        self._body_read = True  # nothing of a request http.server refused is read on purpose
+        self._error(HTTPStatus(code), message or HTTPStatus(code).phrase)
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base signature)
         LOG.debug("%s %s", self.address_string(), format % args)
 
@@ -227,16 +252,21 @@ class _Handler(BaseHTTPRequestHandler):
         job, pipe = manager.create_upload(options, size)
         self._uploading = True
         job.on_stop(self._abort_upload)
+        rate, received = UploadRate(), 0
         try:
             with pipe:
                 for chunk in chunks:
+                    received += len(chunk)
+                    rate.check(received)
                     pipe.write(chunk)
             self._body_read = True
-        except BrokenPipeError:
-            pass  # the synthesis ended before the upload did: its status says why
-        except (OSError, HttpError) as exc:
+        except BrokenPipeError:  # the synthesis ended before the upload did: wait for why
+            job.thread.join(self.server.api.manager.timeout)
+        except (OSError, HttpError, UploadTooSlow) as exc:
             self._uploading = False
             manager.delete(job.id)  # the client never learned the id: nobody else would
+            if isinstance(exc, UploadTooSlow):
+                raise HttpError(HTTPStatus.REQUEST_TIMEOUT, str(exc)) from None
             if isinstance(exc, HttpError):
                 raise
             LOG.info("upload for synthesis %s broke off: %s", job.id, exc)
@@ -343,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: HTTPStatus, message: str) -> None:
         extra = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
         try:
-            self._json(status, {"error": message}, headers=extra)
+            self._json(status, {"error": without_server_paths(message)}, headers=extra)
         except OSError:
             return
         if not self._body_read and self.command in ("POST", "PUT", "PATCH"):
@@ -376,8 +406,18 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
         self.wfile.flush()
+
+
+_SERVER_PATH = re.compile(r"(?<![\w:/.%-])/(?:[\w.+@=-]+/)*([\w.+@=-]+)/?")
+
+
+def without_server_paths(message: str) -> str:
+    """An error message for a client: absolute paths on this server cut to their last part
+    (…/disk.raw). URLs keep their paths: a '/' after a host name or '//' is not a path start."""
+    return _SERVER_PATH.sub(lambda m: f".../{m.group(1)}", message)
 
 
 def _query_bool(query: dict[str, list[str]], name: str, default: bool) -> bool:

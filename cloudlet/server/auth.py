@@ -19,10 +19,17 @@ def token_path(home: CloudletHome) -> Path:
 
 
 def load_or_create_token(path: Path) -> str:
-    """The token in `path`, generated (0600, created exclusively) if the file does not exist."""
+    """The token in `path`, generated (0600, created exclusively) if the file does not exist;
+    an existing one that other users may read is refused, not used."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ServerError(
+                f"{path} is readable or writable by other users (mode {mode:04o}): anyone who "
+                f"reads it controls the server; chmod 600 {path}, or delete it for a new token"
+            ) from None
         return read_token(path)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")

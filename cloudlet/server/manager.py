@@ -37,6 +37,8 @@ LOG = logging.getLogger(__name__)
 
 UPLOAD_PIPE_SIZE = 4 << 20  # bytes of an upload in flight between the client and the synthesis
 KEEP_FINISHED = 64  # failed syntheses kept for their status until deleted; oldest dropped first
+MIN_UPLOAD_RATE = 16 << 10  # bytes/s an upload must average once UPLOAD_GRACE has passed
+UPLOAD_GRACE = 60.0  # seconds
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, missing from older Pythons' fcntl
 
 Prepare = Callable[[CloudletHome, SynthesisSpec, Stats], Synthesis]
@@ -111,6 +113,7 @@ class Job:
                 early_start=self.options.early_start,
                 fetch_deadline=self.options.fetch_deadline,
                 allow=self._manager.allow,
+                id=self.id,  # one id in the server's log and its API
             )
             synth = self._manager.prepare(self._manager.home, spec, self.stats)
             with self._lock:
@@ -203,6 +206,27 @@ class Job:
         return st
 
 
+class UploadTooSlow(ServerError):
+    """An upload that holds a --max-running slot while hardly sending anything."""
+
+
+class UploadRate:
+    """The floor under an upload's average rate: a client sending 1 byte/s would otherwise hold
+    a synthesis slot for ever, each read well within its timeout."""
+
+    def __init__(self) -> None:
+        self._min_rate, self._grace = MIN_UPLOAD_RATE, UPLOAD_GRACE
+        self._started = time.monotonic()
+
+    def check(self, received: int) -> None:
+        elapsed = time.monotonic() - self._started
+        if elapsed > self._grace and received < self._min_rate * elapsed:
+            raise UploadTooSlow(
+                f"the upload sent {received} bytes in {elapsed:.0f} s, less than the "
+                f"{self._min_rate // 1024} KiB/s this server requires"
+            )
+
+
 class UploadPipe:
     """The write end of an upload's pipe. Unbuffered, so closing it never blocks on a full pipe."""
 
@@ -250,6 +274,8 @@ class SynthesisManager:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._closed = False
+        for left in home.sweep():  # e.g. a server killed with -9: its VMs' mounts and files
+            LOG.warning("removed %s, left behind by a process that no longer runs", left)
 
     def resolve(self, location: str) -> str | Path:
         """Where the server may read `location` from; SourceNotAllowed (with why) otherwise."""

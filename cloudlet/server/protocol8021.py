@@ -16,12 +16,15 @@ from typing import Any
 import msgpack
 
 from cloudlet.errors import CloudletError, ServerError, SynthesisNotFound
+from cloudlet.server.api import without_server_paths
 from cloudlet.server.auth import token_matches
-from cloudlet.server.manager import Job, Options, SynthesisManager, UploadPipe
+from cloudlet.server.manager import Job, Options, SynthesisManager, UploadPipe, UploadRate
 
 LOG = logging.getLogger(__name__)
 
 MAX_FRAME = 2 << 20  # bytes of one msgpack map
+MAX_HELLO = 4 << 10  # bytes of the first message, decoded before the token is checked
+MAX_ITEMS = 1024  # elements of any one msgpack array, and (/16) entries of any one map
 MAX_DATA = 1 << 20  # bytes of overlay in one SEND_OVERLAY
 IDLE_TIMEOUT = 60.0  # seconds a peer may stay silent before its synthesis is under way
 FRAME_TIMEOUT = 60.0  # seconds the rest of a frame may take once its length has arrived
@@ -54,23 +57,34 @@ def encode(message: dict[str, Any]) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-def read_message(sock: socket.socket, idle: float | None) -> dict[str, Any] | None:
+def read_message(
+    sock: socket.socket, idle: float | None, max_frame: int = MAX_FRAME
+) -> dict[str, Any] | None:
     """The next message; None when the peer closed between messages.
 
     Waits up to `idle` seconds (None: as long as the connection lives) for a message to begin,
-    then FRAME_TIMEOUT for the rest of it.
+    then FRAME_TIMEOUT for the rest of it. Decoding is bounded by `max_frame` bytes and by
+    MAX_ITEMS per container, so a message costs memory in proportion to its few bytes.
     """
     sock.settimeout(idle)
     head = _recv_exact(sock, _LENGTH.size, eof_ok=True)
     if head is None:
         return None
     (length,) = _LENGTH.unpack(head)
-    if length > MAX_FRAME:
-        raise ProtocolError(f"message of {length} bytes; at most {MAX_FRAME} allowed")
+    if length > max_frame:
+        raise ProtocolError(f"message of {length} bytes; at most {max_frame} allowed here")
     sock.settimeout(FRAME_TIMEOUT)
     body = _recv_exact(sock, length, eof_ok=False)
     try:
-        message = msgpack.unpackb(body, raw=False, max_bin_len=MAX_DATA, max_str_len=MAX_DATA)
+        message = msgpack.unpackb(
+            body,
+            raw=False,
+            max_bin_len=MAX_DATA,
+            max_str_len=MAX_DATA,
+            max_array_len=MAX_ITEMS,
+            max_map_len=MAX_ITEMS // 16,
+            max_ext_len=0,
+        )
     except (ValueError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"message is not valid msgpack: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("command"), int):
@@ -176,6 +190,7 @@ class _Session:
         self.pipe: UploadPipe | None = None
         self.expected = 0  # overlay bytes announced in SEND_META
         self.received = 0
+        self.rate = UploadRate()  # restarted by SEND_META
         self.in_use = False  # after FINISH / SEND_OVERLAY_URL: the peer may stay silent
         self.show_statistics = False
         self._send_lock = threading.Lock()
@@ -205,7 +220,7 @@ class _Session:
         """Tell the peer why the session ends, then end it."""
         LOG.info("8021 session from %s failed: %s", self.peer, error)
         try:
-            self.send(Reply.FAILED, error=error)
+            self.send(Reply.FAILED, error=without_server_paths(error))
         except OSError:
             pass
         self.abort()
@@ -247,7 +262,8 @@ class _Session:
         self.server._forget(self)
 
     def _serve(self) -> None:
-        first = read_message(self.conn, self.server.idle_timeout)
+        # nothing unauthenticated may cost more than a few KiB: the first message is small
+        first = read_message(self.conn, self.server.idle_timeout, max_frame=MAX_HELLO)
         if first is None:
             return
         if first["command"] != Command.SESSION_CREATE:
@@ -298,6 +314,7 @@ class _Session:
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise ProtocolError('SEND_META needs "overlay_size": the overlay length in bytes')
         self.expected = size
+        self.rate = UploadRate()
         self.job, self.pipe = self.server.manager.create_upload(options, size)
         self._accepted()
 
@@ -326,6 +343,7 @@ class _Session:
         self.received += len(data)
         if self.received > self.expected:
             raise ProtocolError(f"more overlay bytes than the {self.expected} announced")
+        self.rate.check(self.received)
         try:
             self.pipe.write(data)
         except BrokenPipeError:

@@ -3,9 +3,10 @@
 Entries are "scheme://host[:port]/path-prefix". A URL passes when scheme, host and port (default
 ports filled in) are equal and its normalised path lies under the prefix. Paths are normalised
 ("." and ".." resolved, repeated slashes merged) and the normalised URL is the one fetched, so
-what is checked is what is requested; encoded dots, slashes and backslashes are refused rather
-than interpreted, since servers disagree about them. URLs carrying credentials (user@host) are
-refused everywhere: they would end up in logs and error messages.
+what is checked is what is requested; encoded dots, slashes, backslashes and percent signs are
+refused rather than interpreted, since servers disagree about them (and some decode twice).
+URLs carrying credentials (user@host) are refused everywhere: they would end up in logs and
+error messages.
 """
 
 import logging
@@ -18,7 +19,8 @@ from cloudlet.errors import SourceError, SourceNotAllowed
 LOG = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
-_ENCODED_SEPARATORS = ("%2e", "%2f", "%5c")
+# "%25" is an encoded "%": "%252e" becomes "." at a server (or proxy) that decodes twice
+_ENCODED_SEPARATORS = ("%2e", "%2f", "%5c", "%25")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def _normalise_path(path: str, url: str) -> str:
     lowered = path.lower()
     if "\\" in path or any(s in lowered for s in _ENCODED_SEPARATORS):
         raise SourceNotAllowed(
-            f"overlay URL {url!r}: encoded '.', '/' or '\\' in the path are refused "
+            f"overlay URL {url!r}: encoded '.', '/', '\\' or '%' in the path are refused "
             "(servers resolve them differently)"
         )
     segments: list[str] = []

@@ -17,6 +17,8 @@ class OverlaySource(abc.ABC):
 
     url: str  # for messages; never carries credentials
     random_access: bool = True  # False for one-shot streams (uploads)
+    # remote sources: once no byte arrived for this long, reads fail whatever the retries left
+    stall_limit: float | None = None
 
     @abc.abstractmethod
     def size(self) -> int | None:

@@ -29,7 +29,8 @@ class FileSource(OverlaySource):
     """One local file, read with pread so streams and ranges share a descriptor but no offset."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = path_of(path)
+        # absolute now: clone() reopens it later, maybe after the working directory changed
+        self.path = path_of(path).absolute()
         self.url = str(self.path)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)

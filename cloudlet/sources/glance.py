@@ -122,7 +122,9 @@ class GlanceSource(OverlaySource):
 
     def clone(self) -> "GlanceSource":
         self._check_open()
-        return GlanceSource(self.url, self._downloader, size=self._size, policy=self._policy)
+        twin = GlanceSource(self.url, self._downloader, size=self._size, policy=self._policy)
+        twin.stall_limit = self.stall_limit
+        return twin
 
     def close(self) -> None:
         self._aborted.set()
@@ -131,7 +133,7 @@ class GlanceSource(OverlaySource):
         return _Chunks(self._downloader(self.image_id, pos, None if end is None else end - pos))
 
     def _backoff(self) -> Backoff:
-        return Backoff(f"overlay {self.url}", self._policy, self._aborted)
+        return Backoff(f"overlay {self.url}", self._policy, self._aborted, self.stall_limit)
 
     def _check_open(self) -> None:
         if self._aborted.is_set():

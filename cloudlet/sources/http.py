@@ -176,6 +176,7 @@ class HttpSource(OverlaySource):
         )
         twin._target, twin._size, twin._etag = self._target, self._size, self._etag
         twin.random_access = self.random_access
+        twin.stall_limit = self.stall_limit
         return twin
 
     def close(self) -> None:
@@ -200,7 +201,7 @@ class HttpSource(OverlaySource):
             raise SourceError(f"overlay source {self.url} is closed")
 
     def _backoff(self) -> Backoff:
-        return Backoff(f"overlay {self.url}", self._policy, self._aborted)
+        return Backoff(f"overlay {self.url}", self._policy, self._aborted, self.stall_limit)
 
     def _probe(self) -> None:
         """Size, ETag and Range support from a one-byte request; fails fast on 404 and the like."""

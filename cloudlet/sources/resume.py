@@ -11,6 +11,7 @@ import http.client
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,27 +54,46 @@ DEFAULT_POLICY = RetryPolicy()
 
 
 class Backoff:
-    """Counts failures in a row at one position; sleeps between them, gives up after too many."""
+    """Counts failures in a row at one position; sleeps between them, gives up after too many,
+    or (with a stall limit) once no byte arrived for that long, however many attempts that was:
+    a silent server costs one bound, not retries x timeout."""
 
-    def __init__(self, what: str, policy: RetryPolicy, aborted: threading.Event) -> None:
+    def __init__(
+        self,
+        what: str,
+        policy: RetryPolicy,
+        aborted: threading.Event,
+        stall_limit: float | None = None,
+    ) -> None:
         self._what = what
         self._policy = policy
         self._aborted = aborted
         self._failures = 0
+        self._stall_limit = stall_limit
+        self._progress_at = time.monotonic()
 
     def progressed(self) -> None:
         self._failures = 0
+        self._progress_at = time.monotonic()
 
     def failed(self, error: BaseException, position: int) -> None:
         """Wait before the next attempt, or raise SourceError if this was one too many."""
         self.check_aborted(position)
         self._failures += 1
+        silent = time.monotonic() - self._progress_at
+        if self._stall_limit is not None and silent >= self._stall_limit:
+            raise SourceError(
+                f"{self._what}: no byte arrived for {silent:.0f} s at byte {position} (the "
+                f"fetch deadline is {self._stall_limit:g} s); last error: {describe(error)}"
+            ) from error
         if self._failures > self._policy.retries:
             raise SourceError(
                 f"{self._what}: reading from byte {position} failed {self._failures} times "
                 f"in a row; last error: {describe(error)}"
             ) from error
         delay = self._policy.delay(self._failures)
+        if self._stall_limit is not None:
+            delay = min(delay, self._stall_limit - silent)
         LOG.warning(
             "%s: %s at byte %d; retrying in %.1f s (%d/%d)",
             self._what, describe(error), position, delay, self._failures, self._policy.retries,

@@ -19,15 +19,22 @@ QEMU_BACKPORTS = REPO / "tools" / "qemu-backports" / "install.sh"
 
 
 def cloudlet(
-    home: Path, *args: str, check: bool = True, timeout: float = 600, qemu: str | None = None
+    home: Path,
+    *args: str,
+    check: bool = True,
+    timeout: float = 600,
+    qemu: str | None = None,
+    cwd: Path | None = None,
 ):
-    """Run `cloudlet ARGS` in `home`; `qemu` overrides the QEMU of this run (CLOUDLET_QEMU)."""
+    """Run `cloudlet ARGS` in `home` (from `cwd`); `qemu` overrides the QEMU of this run
+    (CLOUDLET_QEMU)."""
     env = dict(os.environ, CLOUDLET_HOME=str(home))
     if qemu is not None:
         env["CLOUDLET_QEMU"] = qemu
     done = subprocess.run(
         [sys.executable, "-m", "cloudlet.cli.main", *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -3,6 +3,9 @@ server on 127.0.0.1 (tests/rangeserver.py, which can also slow, cut or corrupt w
 """
 
 import json
+import logging
+import os
+import socket
 import subprocess
 import threading
 import time
@@ -110,6 +113,26 @@ def test_server_lost_mid_transfer_fails_in_bounded_time_and_cleans_up(
     assert_clean(home_b)
 
 
+def test_a_silent_source_fails_the_synthesis_within_the_fetch_deadline(
+    home_b: Path, overlay: Path, ranges: RangeServer
+):
+    """The server keeps its connections open and sends nothing past a point, and no guest read
+    is waiting (here no guest runs yet: the whole overlay is applied first). Only the source's
+    own bound can notice; it was 6 tries x 30 s, whatever --fetch-deadline said."""
+    ranges.faults.stall_at = overlay.stat().st_size * 4 // 5  # every request goes silent there
+    spec = spec_for(ranges, overlay, (free_port(), 80), fetch_deadline=10, early_start=False)
+    synth = prepare_synthesis(CloudletHome(home_b), spec, Stats())
+    started = time.monotonic()
+    try:
+        with pytest.raises(CloudletError, match="no byte arrived for .* fetch deadline is 10 s"):
+            synth.start()
+        assert synth.status()["state"] == "failed"
+    finally:
+        synth.close()
+    assert time.monotonic() - started < FAILS_WITHIN
+    assert_clean(home_b)
+
+
 def test_corrupt_frame_mid_stream_is_caught_by_its_digest(
     home_b: Path, overlay: Path, ranges: RangeServer
 ):
@@ -129,6 +152,37 @@ def test_corrupt_frame_mid_stream_is_caught_by_its_digest(
     assert_clean(home_b)
 
 
+def test_check_and_exit_fails_when_the_last_frame_is_corrupt(
+    home_b: Path, overlay: Path, ranges: RangeServer
+):
+    """The guest may answer before the last frame arrives: a check run still fails, naming the
+    overlay by its URL, and prints no success."""
+    with OverlayReader.open(overlay) as reader:
+        last = reader.frames[-1]
+    ranges.faults.corrupt_at = last.offset + last.length // 2
+    port = free_port()
+    url = ranges.url(overlay.name)
+    done = cloudlet(home_b, "synthesize", url, "--check-and-exit", "-f", f"tcp:{port}:80",
+                    "--check-url", f"http://127.0.0.1:{port}/", check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"overlay {url}: frame {last.index}" in done.stderr
+    assert "fails its sha256" in done.stderr
+    assert "VM synthesized" not in done.stdout
+    assert_clean(home_b)
+
+
+def test_stopping_while_the_overlay_streams_reports_no_failure(
+    home_b: Path, overlay: Path, ranges: RangeServer, caplog: pytest.LogCaptureFixture
+):
+    ranges.faults.rate = overlay.stat().st_size / 30  # still streaming when the user stops
+    port = free_port()
+    with synthesize(CloudletHome(home_b), spec_for(ranges, overlay, (port, 80)), Stats()) as synth:
+        assert "hello from the cloudlet overlay" in http_get(port)
+        assert synth.status()["state"] == "running"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert_clean(home_b)
+
+
 def test_without_early_start_from_a_url(home_b: Path, overlay: Path, ranges: RangeServer):
     port = free_port()
     started = time.monotonic()
@@ -145,9 +199,12 @@ def test_without_early_start_from_a_url(home_b: Path, overlay: Path, ranges: Ran
         f"http://127.0.0.1:{port}/",
         timeout=300,
     )
-    stats = json.loads(done.stdout[done.stdout.index("{") :])
+    stats = json.loads(done.stdout)  # stdout is the JSON document and nothing else
     assert "apply overlay" in stats["stages"] and "mount cloudletfs" not in stats["stages"]
     assert stats["counters"]["frames fetched on demand"] == 0
+    assert isinstance(stats["counters"]["first response after s"], float)
+    assert all(isinstance(v, int | float) and k == k.strip() for k, v in stats["counters"].items())
+    assert "hello from the cloudlet overlay" in stats["responses"][f"http://127.0.0.1:{port}/"]
     assert time.monotonic() - started < 300
     assert_clean(home_b)
 
@@ -155,20 +212,26 @@ def test_without_early_start_from_a_url(home_b: Path, overlay: Path, ranges: Ran
 def test_early_start_cli_records_a_trace_that_reorders_the_overlay(
     home_b: Path, overlay: Path, tmp_path: Path
 ):
+    """Relative paths as the README writes them: the overlay is reopened by every demand
+    connection and the trace is written at the end, both after the mount came up."""
     port = free_port()
     trace = tmp_path / "trace.jsonl"
-    cloudlet(
+    done = cloudlet(
         home_b,
         "synthesize",
-        str(overlay),
+        str(Path(os.path.relpath(overlay, tmp_path))),
         "--check-and-exit",
+        "--wait-complete",
         "--trace-out",
-        str(trace),
+        trace.name,
         "-f",
         f"tcp:{port}:80",
         "--check-url",
         f"http://127.0.0.1:{port}/",
+        cwd=tmp_path,
     )
+    assert trace.exists()
+    assert "ERROR" not in done.stderr and "Ignoring invalid" not in done.stderr
     ordered = tmp_path / "ordered.overlay"
     cloudlet(home_b, "overlay", "reorder", str(overlay), "--trace", str(trace), "-o", str(ordered))
     with OverlayReader.open(overlay) as a, OverlayReader.open(ordered) as b:
@@ -221,4 +284,22 @@ def test_close_while_it_starts_stops_it_in_bounded_time(
     assert isinstance(outcome[0], CloudletError), outcome
     assert "stopped while it started" in str(outcome[0])
     assert synth.status()["state"] == "failed"
+    assert_clean(home_b)
+
+
+def test_a_host_port_in_use_fails_at_once_with_qemus_words(home_b: Path, overlay: Path):
+    """QEMU exits at once when it cannot forward a port; saying so must not wait for a QMP
+    socket it left behind, nor point at a log its removed run directory held."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = cloudlet(home_b, "synthesize", str(overlay), "--check-and-exit",
+                        "-f", f"tcp:{port}:80", check=False)
+        took = time.monotonic() - started
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"Could not set up host forwarding rule 'tcp:127.0.0.1:{port}-:80'" in done.stderr
+    assert "qemu.log" not in done.stderr
+    assert took < 25, f"took {took:.0f} s: waited for QEMU's 30 s QMP connect bound"
     assert_clean(home_b)

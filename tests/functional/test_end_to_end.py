@@ -172,6 +172,52 @@ def test_missing_disk_is_refused(tmp_path: Path):
     assert "nope.raw" in done.stderr and "does not exist" in done.stderr
 
 
+def test_ready_port_timeout_quotes_the_console(tmp_path: Path, test_guest: Path):
+    """A guest whose service never answers (here: nothing listens on guest port 81) fails with
+    what its console said, as a --ready-marker timeout does; nothing is registered."""
+    g = json.loads((test_guest / "guest.json").read_text())
+    port = free_port()
+    home = tmp_path / "home"
+    done = cloudlet(home, "base", "create", str(test_guest / g["disk"]),
+                    "--kernel", str(test_guest / g["kernel"]),
+                    "--initrd", str(test_guest / g["initrd"]), "--append", g["append"],
+                    "--memory", str(g["memory_mib"]), "--ready-port", str(port),
+                    "-f", f"tcp:{port}:81", "--timeout", "45", check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"nothing in the guest answered on host port {port} within 45 s" in done.stderr
+    assert "console ends: " in done.stderr and "guest# " in done.stderr  # the guest's shell
+    assert BaseStore(CloudletHome(home)).list() == []
+    assert leftovers(home) == []
+
+
+# The test kernel with a one-line init: ready, then a kernel crash 3 s of guest time later. The
+# snapshot is taken within that time, so the guest crashes on every resume of it, as one base of
+# the test guest once did by itself ("kworker ... exited with irqs disabled"). ${IFS}: the kernel
+# splits init's arguments at spaces.
+_CRASH_AFTER_READY = (
+    "rdinit=/bin/busybox -- sh -c busybox${IFS}mount${IFS}-t${IFS}proc${IFS}proc${IFS}/proc;"
+    "echo${IFS}CRASH-READY;busybox${IFS}sleep${IFS}3;echo${IFS}c>/proc/sysrq-trigger;"
+    "busybox${IFS}sleep${IFS}1000"
+)
+
+
+def test_a_base_that_does_not_resume_is_not_registered(tmp_path: Path, test_guest: Path):
+    g = json.loads((test_guest / "guest.json").read_text())
+    home = tmp_path / "home"
+    done = cloudlet(home, "base", "create", str(test_guest / g["disk"]), "--name", "crashy",
+                    "--kernel", str(test_guest / g["kernel"]),
+                    "--initrd", str(test_guest / g["initrd"]),
+                    "--append", f"{g['append']} {_CRASH_AFTER_READY}",
+                    "--memory", str(g["memory_mib"]), "--ready-marker", "CRASH-READY",
+                    check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "the base was not registered: its memory snapshot does not resume" in done.stderr
+    assert "console ends: " in done.stderr
+    assert "FAILED check resume" in done.stderr
+    assert BaseStore(CloudletHome(home)).list() == []
+    assert leftovers(home) == [] and list((home / "bases").iterdir()) == []
+
+
 def test_killed_synthesis_leaves_no_vm_and_is_cleaned_up(home_b: Path, overlay: Path):
     env = dict(os.environ, CLOUDLET_HOME=str(home_b))
     proc = subprocess.Popen(

@@ -20,6 +20,7 @@ import msgpack
 import pytest
 
 from cloudlet.cli.remote import ServerClient
+from cloudlet.errors import ServerError
 from cloudlet.hypervisor.qemu import free_port
 from tests.functional.conftest import cloudlet, http_get, leftovers
 from tests.rangeserver import RangeServer
@@ -141,6 +142,21 @@ def test_upload_synthesis_answers_then_delete_cleans_up(server: Served, overlay:
     done = wait_state(server, created["id"], ("complete",))
     assert done["stats"]["stages"], done
     server.client.delete(created["id"])
+    assert server.client.request("GET", "/v1/syntheses") == {"syntheses": []}
+    assert_clean(server.home)
+    # one synthesis, one id: the engine's own log lines use the id the API gave
+    assert f"synthesis {created['id']}: overlay complete and verified" in server.log.read_text()
+
+
+def test_an_upload_longer_than_its_overlay_is_answered_and_its_vm_stopped(
+    server: Served, overlay: Path, tmp_path: Path
+):
+    """Past the last frame nobody read the upload: the server's write blocked for ever, the
+    request was never answered and the VM kept its --max-running slot."""
+    padded = tmp_path / "padded.overlay"
+    padded.write_bytes(overlay.read_bytes() + os.urandom(8 << 20))  # more than the pipe holds
+    with pytest.raises(ServerError, match="goes on past the end of its overlay"):
+        upload(server, padded, free_port())
     assert server.client.request("GET", "/v1/syntheses") == {"syntheses": []}
     assert_clean(server.home)
 

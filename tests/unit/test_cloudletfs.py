@@ -334,6 +334,29 @@ def test_unmount_while_a_read_waits_does_not_hang(tmp_path):
     assert not fuse_mounts_under(tmp_path)
 
 
+_MOUNT_HERE = """
+import os, numpy as np
+from pathlib import Path
+from cloudletfs import CloudletFS, ImageSpec
+run = Path("run")
+run.mkdir()
+(run / "mnt").mkdir()
+with CloudletFS(run / "mnt", [ImageSpec("disk.raw", 8192, None, run / "layer",
+                np.full(2, 2, np.uint8), np.zeros(2, np.int32))], on_demand=print) as fs:
+    print(os.getcwd(), flush=True)
+"""
+
+
+def test_mount_keeps_the_working_directory_and_prints_no_libfuse_noise(tmp_path):
+    """Relative paths a user gave (--trace-out t.jsonl, the overlay) must still name the same
+    files once the mount is up; and a mount prints nothing on the user's terminal."""
+    done = subprocess.run([sys.executable, "-c", _MOUNT_HERE], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path)
+    assert done.stderr == ""
+
+
 _OWNER = """
 import sys, time, numpy as np
 from pathlib import Path

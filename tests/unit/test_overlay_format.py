@@ -381,3 +381,14 @@ def test_chunk_map_is_compact(tmp_path: Path) -> None:
     assert r.data_offset < 4096
     assert r.total_length < 600_000
     assert np.array_equal(r.chunk_map["ref"], r.chunk_map["chunk"] + 1)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_overlay_file_mode_follows_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Overlays are meant to be served: a web server reading them got 403 from 0600 files."""
+    old = os.umask(umask)
+    try:
+        write_sample(tmp_path / "app.overlay")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "app.overlay").stat().st_mode & 0o777 == mode

@@ -1,5 +1,7 @@
 """The synthesis pipeline on real overlays, real files and a real HTTP server on 127.0.0.1."""
 
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from cloudlet.hashing import image_chunk_digests, tree_digest
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.overlay.writer import OverlayWriter
 from cloudlet.pipeline import BaseImages, FileSink, FramePlan, Pipeline
-from cloudlet.sources import AllowList, OverlaySource, open_source
+from cloudlet.sources import AllowList, OverlaySource, StreamSource, open_source
 from tests.rangeserver import RangeServer
 from tests.unit.test_overlay_apply import BASE_ID, Scene, _digests, _noise
 
@@ -103,7 +105,7 @@ class Run:
             self.reader = OverlayReader.open(scene.overlay)
         else:
             self.stream = source.stream(0)
-            self.reader = OverlayReader.open(self.stream)
+            self.reader = OverlayReader.open(self.stream, name=source.url)
         self.base = _base(scene)
         self.sink = _sink(scene, self.reader, self.base)
         self.pipeline = Pipeline(
@@ -241,6 +243,32 @@ def test_corrupt_frame_mid_stream(tmp_path: Path) -> None:
         assert len(run.sink.aborts) == 1 and run.sink.commits == 0
         assert "frame 5" in run.pipeline.status()["error"]
     scene.assert_no_output()
+
+
+@pytest.mark.parametrize("extra", [b"", b"trailing bytes"])
+def test_an_upload_must_end_with_its_overlay(tmp_path: Path, extra: bytes) -> None:
+    """An upload longer than its overlay was never answered: nobody read the rest of it."""
+    scene = _scene(tmp_path)
+    read_fd, write_fd = os.pipe()
+    data = scene.overlay.read_bytes() + extra
+    writer = threading.Thread(target=_write_all, args=(write_fd, data))
+    writer.start()
+    with StreamSource(os.fdopen(read_fd, "rb")) as source, Run(scene, source) as run:
+        run.pipeline.start()
+        if extra:
+            with pytest.raises(CorruptOverlay, match="upload goes on past the end of its overlay"):
+                run.pipeline.wait(WAIT)
+            assert run.sink.commits == 0
+        else:
+            run.pipeline.wait(WAIT)
+            assert run.sink.commits == 1
+    writer.join(WAIT)
+    assert not writer.is_alive()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError), os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def test_source_error_mid_stream_over_http(tmp_path: Path) -> None:

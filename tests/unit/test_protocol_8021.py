@@ -199,3 +199,17 @@ def test_a_failed_synthesis_is_reported(server):
         assert reply["command"] == FAILED and "not an overlay" in reply["error"], reply
         assert recv(sock) is None
     wait_until(lambda: server.manager.statuses() == [], "the synthesis was left behind")
+
+
+def test_an_unauthenticated_msgpack_bomb_costs_nothing(server):
+    """Before SESSION_CREATE, a 2 MiB frame of 2M empty maps grew the server by ~91 MiB."""
+    bomb = msgpack.packb([{}] * (2 << 20))
+    with connect(server) as sock:
+        sock.sendall(struct.pack(">I", len(bomb)))  # refused on its length: the rest unread
+        reply = recv(sock)
+        assert reply["command"] == FAILED and "at most 4096" in reply["error"]
+    small = msgpack.packb({"command": SESSION_CREATE, "token": TOKEN, "x": [{}] * 2000})
+    with connect(server) as sock:  # within the size bound, still bounded per container
+        sock.sendall(struct.pack(">I", len(small)) + small)
+        reply = recv(sock)
+        assert reply["command"] == FAILED and "not valid msgpack" in reply["error"]

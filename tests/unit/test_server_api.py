@@ -10,12 +10,15 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cloudlet.errors import ServerError
 from cloudlet.home import CloudletHome
-from cloudlet.server.api import MAX_JSON_BODY, ApiServer
+from cloudlet.server import manager as manager_module
+from cloudlet.server.api import MAX_JSON_BODY, ApiServer, without_server_paths
 from cloudlet.server.auth import load_or_create_token, token_path
 from cloudlet.server.manager import SynthesisManager
 from cloudlet.sources import AllowList
@@ -282,3 +285,77 @@ def test_at_most_max_running(serve):
     assert "--max-running" in body["error"]
     assert client.request("DELETE", f"/v1/syntheses/{first['id']}")[0] == 204
     assert client.request("POST", "/v1/syntheses/upload", MAGIC)[0] == 202
+
+
+# --- as an attacker would ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "TRACE", "FOO"])
+def test_every_method_is_checked_for_the_token_first_and_answered_in_json(serve, method):
+    _, api = serve()
+    for token, status in ((None, 401), (TOKEN, 405 if method != "FOO" else 501)):
+        conn = http.client.HTTPConnection(*api.address, timeout=60)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        conn.request(method, "/v1/syntheses", headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        assert resp.status == status, data
+        assert resp.getheader("Content-Type") == "application/json"
+        if method != "HEAD":  # a HEAD answer has headers only
+            assert "error" in json.loads(data)
+
+
+def test_a_token_file_others_can_read_is_refused(home: CloudletHome):
+    path = token_path(home)
+    load_or_create_token(path)
+    path.chmod(0o644)
+    with pytest.raises(ServerError, match="mode 0644.*chmod 600"):
+        load_or_create_token(path)
+
+
+def test_error_messages_for_clients_name_no_server_paths(tmp_path: Path):
+    """What the API and 8021 send back: where the server keeps things is none of the client's
+    business (an upload is called "upload", not its pipe's descriptor)."""
+    assert without_server_paths(f"cannot open overlay {tmp_path}/x.overlay: gone") == (
+        "cannot open overlay .../x.overlay: gone"
+    )
+    assert without_server_paths("needs base VM ab, not in /root/.cloudlet: import it") == (
+        "needs base VM ab, not in .../.cloudlet: import it"
+    )
+    for kept in ("overlay http://h:8/a/b.overlay: frame 1/3 fails", "upload is not an overlay"):
+        assert without_server_paths(kept) == kept
+
+
+def test_an_upload_trickling_in_loses_its_slot(serve, monkeypatch):
+    """1 byte/s held a --max-running slot without limit, each read well within its timeout."""
+    monkeypatch.setattr(manager_module, "UPLOAD_GRACE", 1.0)
+    monkeypatch.setattr(manager_module, "MIN_UPLOAD_RATE", 1000)
+    manager, api = serve(max_running=1)
+
+    def trickle() -> Iterator[bytes]:
+        yield MAGIC
+        for _ in range(50):
+            time.sleep(0.1)
+            yield b"x"
+
+    conn = http.client.HTTPConnection(*api.address, timeout=60)
+    conn.request("POST", "/v1/syntheses/upload", body=trickle(), encode_chunked=True,
+                 headers={"Authorization": f"Bearer {TOKEN}"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 408 and "KiB/s this server requires" in body["error"], body
+    assert manager.statuses() == []  # the slot is free again
+
+
+def test_a_restarted_server_sweeps_what_a_killed_one_left(home: CloudletHome):
+    """After kill -9 the run directories stayed until the next synthesis started."""
+    left = home.runs / "synthesis-pid999999999.1.abc"  # no such process
+    (left / "mnt").mkdir(parents=True)
+    mine = home.new_run_dir("synthesis")  # a live owner's: kept
+    manager = SynthesisManager(home, prepare=StandInSynthesis.prepare, timeout=60)
+    try:
+        assert not left.exists() and mine.exists()
+    finally:
+        manager.shutdown()

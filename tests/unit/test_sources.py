@@ -118,6 +118,17 @@ def test_file_source(overlay: Path, payload: bytes, as_url: bool) -> None:
     stream.close()
 
 
+def test_relative_path_still_reopens_after_the_working_directory_changes(
+    overlay: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demand connection clones the source while a FUSE mount has moved the process to /."""
+    monkeypatch.chdir(overlay.parent)
+    with open_source(overlay.name) as src:
+        monkeypatch.chdir("/")
+        with src.clone() as twin:
+            assert twin.read_range(SIZE - 10, 10) == payload[-10:]
+
+
 def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="No such file"):
         open_source(tmp_path / "nope.overlay")
@@ -174,6 +185,23 @@ def test_stalled_body_resumes(server: RangeServer, payload: bytes) -> None:
     with http_source(server, timeout=1.0) as src, src.stream() as f:
         assert sha(read_all(f)) == sha(payload)
     assert server.fired == 1
+
+
+def test_a_silent_server_fails_at_the_stall_limit_whatever_the_retries_left(
+    server: RangeServer,
+) -> None:
+    server.faults = Faults(stall_after=5000)  # every response goes silent, connections open
+    allow = AllowList.parse([server.url()])
+    patient = RetryPolicy(retries=1000, first_delay=0.05, max_delay=0.2)
+    with HttpSource(server.url("app.overlay"), allow, timeout=1.0, policy=patient) as src:
+        src.stall_limit = 3.0
+        started = time.monotonic()
+        silent = "no byte arrived for .* fetch deadline is 3 s"
+        with src.stream() as f, pytest.raises(SourceError, match=silent):
+            read_all(f)
+        with src.clone() as twin, pytest.raises(SourceError, match="fetch deadline is 3 s"):
+            twin.read_range(0, 10_000)  # a demand fetch: the same bound
+    assert time.monotonic() - started < BOUND
 
 
 def test_body_always_shorter_than_promised_fails_bounded(server: RangeServer) -> None:
@@ -355,6 +383,7 @@ def test_allowed_urls(url: str) -> None:
         ("http://cache.example/exactly", "not under"),  # prefix ends at a segment
         ("https://store.example:8443/overlays/../secret", "not under"),
         ("https://store.example:8443/../overlays/x", "climbs above"),
+        ("https://store.example:8443/overlays/%252e%252e/secret", "encoded"),  # decoded twice
         ("https://store.example:8443/overlays/%2e%2e/secret", "encoded"),
         ("https://store.example:8443/overlays/%2E%2e/secret", "encoded"),
         ("https://store.example:8443/overlays%2f..%2fsecret", "encoded"),
