@@ -189,6 +189,21 @@ class Glance(_Service):
             raise errors.NotFound(f"{noun} {image_id}: image {image_id} is not a cloudlet {noun}")
         return image, info
 
+    def cloudlet_images(
+        self, kind: cloudlet_glance.Kind, base_id: str | None = None
+    ) -> list[tuple[dict[str, Any], cloudlet_glance.CloudletImage]]:
+        """The `kind` images the caller can see (of one base, if given), with what their
+        cloudlet properties say; images with broken properties are left out."""
+        filters = {cloudlet_glance.TYPE: kind.value}
+        if base_id is not None:
+            filters[cloudlet_glance.BASE_ID] = base_id
+        found = []
+        for image in self.list_images(**filters):
+            info = describe(image)
+            if info is not None and info.kind is kind:
+                found.append((image, info))
+        return found
+
 
 def describe(image: dict[str, Any]) -> cloudlet_glance.CloudletImage | None:
     """cloudlet_nova.glance.describe on a Glance v2 image; None for plain or broken ones (a broken

@@ -7,7 +7,6 @@ from typing import Any
 import webob
 
 from cloudlet_api import errors, exports, rpc
-from cloudlet_api.clients import describe
 from cloudlet_api.context import JSON, Request, json_response, no_content
 from cloudlet_api.handlers.servers import start_on_host
 from cloudlet_api.policies import bases as policies
@@ -47,15 +46,8 @@ def task_response(req: Request, task: Any) -> Any:
 def list_bases(req: Request) -> Any:
     req.authorize(policies.LIST)
     query = req.query(schemas.LIST_QUERY)
-    filters = {cloudlet_glance.TYPE: KIND.value}
-    if "base_id" in query:
-        filters[cloudlet_glance.BASE_ID] = query["base_id"]
-    found = []
-    for image in req.glance().list_images(**filters):
-        info = describe(image)
-        if info is not None and info.kind is KIND:
-            found.append(view(image, info))
-    return json_response({"bases": found})
+    found = req.glance().cloudlet_images(KIND, query.get("base_id"))
+    return json_response({"bases": [view(image, info) for image, info in found]})
 
 
 def show_base(req: Request) -> Any:

@@ -7,7 +7,6 @@ from typing import Any
 import webob
 
 from cloudlet_api import rpc
-from cloudlet_api.clients import describe
 from cloudlet_api.context import Request, json_response, no_content
 from cloudlet_api.handlers.bases import task_response
 from cloudlet_api.handlers.servers import start_on_host
@@ -39,15 +38,8 @@ def view(image: dict[str, Any], info: cloudlet_glance.CloudletImage) -> dict[str
 def list_overlays(req: Request) -> Any:
     req.authorize(policies.LIST)
     query = req.query(schemas.LIST_QUERY)
-    filters = {cloudlet_glance.TYPE: KIND.value}
-    if "base_id" in query:
-        filters[cloudlet_glance.BASE_ID] = query["base_id"]
-    found = []
-    for image in req.glance().list_images(**filters):
-        info = describe(image)
-        if info is not None and info.kind is KIND:
-            found.append(view(image, info))
-    return json_response({"overlays": found})
+    found = req.glance().cloudlet_images(KIND, query.get("base_id"))
+    return json_response({"overlays": [view(image, info) for image, info in found]})
 
 
 def show_overlay(req: Request) -> Any:
