@@ -37,13 +37,14 @@ FLAVOR=cloudlet.small
 
 [ -f "$A/state/stack" ] || die "the all-in-one is not up: run tools/aio/up.sh"
 rm -rf "$E"; mkdir -p "$E"
-# a previous run's servers, overlays and bases (A's names must be unique for name lookups)
+# a previous run's servers, overlays and bases (A's names must be unique for name lookups); a
+# base is deleted by an admin or a project manager (cloudlet:base:delete), not by a member
 mapfile -t OLD < <($O server list -f value -c ID)
 [ ${#OLD[@]} = 0 ] || $O server delete --wait "${OLD[@]}"
 mapfile -t OLD < <($O cloudlet overlay list -f value -c id)
 [ ${#OLD[@]} = 0 ] || $O cloudlet overlay delete "${OLD[@]}"
 mapfile -t OLD < <($O cloudlet base list -f value -c id)
-[ ${#OLD[@]} = 0 ] || $O cloudlet base delete "${OLD[@]}"
+[ ${#OLD[@]} = 0 ] || $OA cloudlet base delete "${OLD[@]}"
 # the packages `cloudlet-manage base register` may import ([cloudlet] base_import_dir)
 IMPORT_DIR=$(awk -F' *= *' '/^base_import_dir/{print $2}' "$A/etc/nova/nova.conf")
 [ -n "$IMPORT_DIR" ] || die "no [cloudlet] base_import_dir in $A/etc/nova/nova.conf"
@@ -151,12 +152,13 @@ step "CLI: cloudlet base import --wait"
 $O cloudlet base list -f value -c name -c base_id > "$E/bases.out"
 grep -qx "e2e-package $PKG_BASE_ID" "$E/bases.out" || die "base list: $(cat "$E/bases.out")"
 step "CLI: cloudlet base list"
-[ "$($O cloudlet base show e2e-package -f value -c base_id)" = "$PKG_BASE_ID" ] || \
-    die "the imported base's id is not the package's $PKG_BASE_ID"
+mapfile -t IMPORTED < <($O cloudlet base show e2e-package -f value -c id -c base_id)
+[ "${IMPORTED[1]:-}" = "$PKG_BASE_ID" ] || die "the imported base's id is not the package's $PKG_BASE_ID"
 step "CLI: cloudlet base show"
-# a tampered package: one byte of the kernel changed inside the (valid) tar stream
-"$V/python" - "$PACKAGE" "$E/tampered.cbase" <<'PY'
-import io, sys, tarfile, zstandard
+# a tampered package: one byte of the kernel changed inside the (valid) tar stream; prints the
+# kernel's sha256 its manifest promises
+KERNEL_SHA=$("$V/python" - "$PACKAGE" "$E/tampered.cbase" <<'PY'
+import io, json, sys, tarfile, zstandard
 src, dst = sys.argv[1:]
 with open(src, "rb") as i, open(dst, "wb") as o, \
         zstandard.ZstdDecompressor().stream_reader(i) as r, \
@@ -164,17 +166,16 @@ with open(src, "rb") as i, open(dst, "wb") as o, \
         tarfile.open(fileobj=r, mode="r|") as tin, tarfile.open(fileobj=w, mode="w|") as tout:
     for m in tin:
         data = tin.extractfile(m).read()
+        if m.name == "manifest.json":
+            print(next(f["sha256"] for f in json.loads(data)["files"] if f["name"] == "kernel"))
         if m.name == "kernel":
             data = data[:4096] + bytes([data[4096] ^ 0xFF]) + data[4097:]
         tout.addfile(m, io.BytesIO(data))
 PY
+)
 N_IMAGES=$($OA image list -f value -c ID | wc -l)
 $O cloudlet base import "$E/tampered.cbase" --name e2e-tampered --wait > "$E/tampered.out" 2>&1 \
     && die "a tampered package was imported"
-KERNEL_SHA=$("$V/python" -c "import json, sys, tarfile, zstandard
-r = zstandard.ZstdDecompressor().stream_reader(open(sys.argv[1], 'rb'))
-t = tarfile.open(fileobj=r, mode='r|'); m = next(iter(t))
-print(json.load(t.extractfile(m))['files']['kernel']['sha256'])" "$PACKAGE")
 grep -q "member kernel has sha256 .*says $KERNEL_SHA" "$E/tampered.out" || \
     die "the tampered package's refusal does not name the kernel's digest: $(cat "$E/tampered.out")"
 [ "$($OA image list -f value -c ID | wc -l)" = "$N_IMAGES" ] || \
@@ -316,7 +317,10 @@ step "tampered overlay -> ERROR, nothing left"
 $O server delete --wait vm1 app1 vm3
 $O image delete "$BAD"
 $O cloudlet overlay delete app
-$O cloudlet base delete e2e-base e2e-package
+$O cloudlet base delete e2e-base > "$E/delete.out" 2>&1 && die "a member deleted a base"
+grep -q "policy does not allow cloudlet:base:delete" "$E/delete.out" || \
+    die "a member's base delete: $(cat "$E/delete.out")"
+$OA cloudlet base delete "$BASE_IMAGE" "${IMPORTED[0]}"  # an admin may (and a project manager)
 [ -z "$($O cloudlet overlay list -f value -c id)$($O cloudlet base list -f value -c id)" ] || \
     die "A still has overlays or bases after deleting them"
 step "clean up servers, overlay, bases"
