@@ -1,5 +1,6 @@
 """The compute hosts' cloudlet RPC endpoint, reached with cloudlet_nova's client on this
-service's own transport ([DEFAULT] transport_url: the message bus nova-compute listens on)."""
+service's own transport ([DEFAULT] transport_url: the message bus nova-compute listens on, and
+[DEFAULT] control_exchange: Nova's exchange on it, default `nova` as in Nova)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ from typing import Any
 
 import oslo_messaging as messaging
 from oslo_config import cfg
+from oslo_messaging import opts as messaging_opts
 from oslo_messaging._metrics import client as metrics_client
 
 from cloudlet_api import conf as api_conf
+
+# nova.config sets oslo.messaging's control_exchange default to this; a service that keeps
+# oslo.messaging's own default ("openstack") sends to an exchange no compute host listens on
+NOVA_EXCHANGE = "nova"
 
 _transports: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -26,6 +32,8 @@ def transport(conf: cfg.ConfigOpts) -> Any:
             conf.register_opts(
                 metrics_client.oslo_messaging_metrics, group="oslo_messaging_metrics"
             )
+            conf.register_opts(dict(messaging_opts.list_opts())[None])
+            conf.set_default("control_exchange", NOVA_EXCHANGE)
             _transports[id(conf)] = messaging.get_rpc_transport(
                 conf, allowed_remote_exmods=nova_rpc.get_allowed_exmods()
             )

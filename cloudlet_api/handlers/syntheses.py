@@ -46,7 +46,11 @@ def create_synthesis(req: Request) -> Any:
             "name": body["name"],
             "imageRef": overlay_id,
             "flavorRef": body["flavor_id"],
-            "networks": [{"uuid": body["network_id"]}] if "network_id" in body else "auto",
+            "networks": (
+                [{"uuid": body["network_id"]}]
+                if "network_id" in body
+                else body.get("network", "auto")
+            ),
         }
     )
     ctx = req.context

@@ -176,11 +176,19 @@ class Proxy(proxy.Proxy):
     # -- syntheses -----------------------------------------------------------------------
 
     def synthesize(
-        self, overlay_id: str, name: str, flavor_id: str, network_id: str | None = None
+        self,
+        overlay_id: str,
+        name: str,
+        flavor_id: str,
+        network_id: str | None = None,
+        network: str | None = None,
     ) -> Synthesis:
+        """network_id: a network to attach; or network "none" (no network) / "auto"."""
         body = {"overlay_id": overlay_id, "name": name, "flavor_id": flavor_id}
         if network_id:
             body["network_id"] = network_id
+        if network:
+            body["network"] = network
         return Synthesis.existing(**self.post("/syntheses", json=body).json()["synthesis"])
 
     def syntheses(self) -> Iterator[Synthesis]:

@@ -75,13 +75,13 @@ class API:
     """A running cloudlet-api and a client that speaks as a persona."""
 
     def __init__(self, env: Env, state: Path, **api: Any) -> None:
-        from cloudlet_api import deploy, rpc
+        from cloudlet_api import deploy
 
         state.mkdir(parents=True, exist_ok=True)
         self.env = env
         self.conf = deploy.configure([str(write_config(env, state, **api))])
         app = deploy.loadapp(self.conf)
-        self.host = standins.ComputeHost(rpc.transport(self.conf))
+        self.host = standins.ComputeHost(standins.nova_compute_transport())
         self.server = standins.HTTPServer(app)
         self.url = self.server.url
         self.session = requests.Session()

@@ -463,6 +463,20 @@ class Neutron:
         return _json(start, "200 OK", {"networks": found})
 
 
+def nova_compute_transport() -> Any:
+    """The fake bus as nova-compute is on it: its own configuration, with the exchange Nova's
+    configuration sets (nova.config: control_exchange "nova"), not the API's."""
+    import oslo_messaging as messaging
+    from oslo_config import cfg
+    from oslo_messaging import opts as messaging_opts
+
+    conf = cfg.ConfigOpts()
+    conf.register_opts(dict(messaging_opts.list_opts())[None])
+    conf([], project="nova", default_config_files=[])
+    conf.set_override("control_exchange", "nova")
+    return messaging.get_rpc_transport(conf, url="fake:/")
+
+
 class ComputeHost:
     """A compute host's cloudlet RPC endpoint on the fake transport: records each request and
     reports a task for it (the real endpoint is tested in Nova's functional framework)."""

@@ -292,6 +292,36 @@ def test_synthesis_is_a_server_create_from_the_overlay(api: API) -> None:
     assert synthesis["task_id"] in [t["id"] for t in listed]
 
 
+@pytest.mark.parametrize("network", ["none", "auto"])
+def test_synthesis_with_novas_special_networks(api: API, network: str) -> None:
+    overlay = objects.overlay(api, PROJECT_A)
+    body = {"overlay_id": overlay, "name": "app1", "flavor_id": "1", "network": network}
+    resp = api.call("member", "POST", "/syntheses", json=body)
+    assert resp.status_code == 202
+    server = api.env.cloud.servers[resp.json()["synthesis"]["id"]]
+    assert server["request"]["networks"] == network
+
+
+@pytest.mark.parametrize(
+    ("network", "words"),
+    [
+        ({"network": "some"}, "'some' is not one of ['auto', 'none']"),
+        (
+            {"network": "none", "network_id": "9b1c2f3e-1d2c-4b5a-8e9f-0a1b2c3d4e5f"},
+            "should not be valid",
+        ),
+    ],
+)
+def test_synthesis_network_schema_errors(api: API, network: dict, words: str) -> None:
+    overlay = objects.overlay(api, PROJECT_A)
+    servers = len(api.env.cloud.servers)
+    body = {"overlay_id": overlay, "name": "app1", "flavor_id": "1", **network}
+    resp = api.call("member", "POST", "/syntheses", json=body)
+    assert resp.status_code == 400
+    assert words in detail(resp)
+    assert len(api.env.cloud.servers) == servers
+
+
 def test_synthesis_from_a_base_image_is_404(api: API) -> None:
     disk, _, _ = objects.base(api, PROJECT_A)
     servers = len(api.env.cloud.servers)

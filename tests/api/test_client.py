@@ -199,6 +199,16 @@ def test_cli_capture_and_synthesize_by_name(api: API, cloud: standins.Cloud) -> 
     assert tasks.returncode == 0 and json.loads(tasks.stdout)
 
 
+def test_cli_synthesize_without_a_network(api: API, cloud: standins.Cloud) -> None:
+    overlay, name = named_overlay(api)
+    synth = cli(
+        api, "member", "synthesize", name, "--flavor", FLAVOR["name"], "--no-network",
+        "--name", "app2", "-f", "json",
+    )  # fmt: skip
+    assert synth.returncode == 0, synth.stderr
+    assert cloud.servers[json.loads(synth.stdout)["id"]]["request"]["networks"] == "none"
+
+
 def test_cli_another_project_is_refused_with_the_services_message(
     api: API, cloud: standins.Cloud
 ) -> None:

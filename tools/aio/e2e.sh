@@ -1,19 +1,23 @@
 #!/bin/bash
-# The user-level flow on the all-in-one (tools/aio/up.sh first), with `openstack` commands and
-# cloudlet-manage. A user (member of project A, `demo`) uploads images and boots and uses the
-# servers; the operator (admin) runs cloudlet-manage, which reads nova.conf. Until the cloudlet
-# API exists the images cloudlet-manage publishes belong to the admin's project: the operator
-# hands a base's and an overlay's images to A (`openstack image set --project`). A member of
-# project B (`alt_demo`) can neither see nor boot A's private base and overlay images.
-#   the operator registers an engine package (.cbase, made with the standalone `cloudlet base
-#   create` + `base export`, put in [cloudlet] base_import_dir) twice: the second uploads
-#   nothing. It is not booted: a base Nova resumes must have been saved with Nova's device set
-#   (docs/nova.md), which a standalone base was not.
+# The user-level flow on the all-in-one (tools/aio/up.sh first), with `openstack` commands as a
+# user types them: a member of project A (`demo`) imports a base package, creates a base,
+# captures an overlay and synthesizes from it with `openstack cloudlet ...` (cloudlet-api, in the
+# catalog as type `cloudlet`), boots and uses the servers; a member of project B (`alt_demo`) can
+# neither see nor use any of it; the operator (admin) runs cloudlet-manage, which reads nova.conf.
+#   an engine package (.cbase, made with the standalone `cloudlet base create` + `base export`):
+#   the operator registers it twice from [cloudlet] base_import_dir (the second uploads nothing);
+#   A imports it through the API (`cloudlet base import`: uploaded, verified, listed, shown);
+#   a tampered copy is refused with the digest named and leaves nothing in Glance. It is not
+#   booted: a base Nova resumes must have been saved with Nova's device set (docs/nova.md),
+#   which a standalone base was not.
 #   -> the test guest as Glance images (kernel, ramdisk, raw disk) -> a plain server boots it
-#   -> `cloudlet-manage base create` makes a base VM of that running server
+#   -> `openstack cloudlet base create` makes a base VM of that running server
 #   -> boot from the base (resumed: no boot on the console, uptime continues from the snapshot)
 #   -> customise (a file on disk, a file in RAM, over the serial console)
-#   -> capture an overlay -> boot a new server from the overlay -> it answers with both files
+#   -> `openstack cloudlet overlay create --wait` -> `openstack cloudlet synthesize --wait` -> the
+#      synthesized server answers with both files
+#   -> project B: A's overlay cannot be shown, downloaded, deleted or synthesized, A's server not
+#      captured (through the CLI and cloudlet-api's own answers); no token -> 401
 #   -> a tampered overlay -> ERROR with a clear fault, nothing left on the host.
 # The guest's serial console (a pty, logged to console.log) is how the test talks to it: the
 # servers have no network (--nic none).
@@ -25,6 +29,7 @@ E=$A/e2e
 OA="$V/openstack"                                                               # the operator
 O="env OS_USERNAME=demo OS_PASSWORD=demopass OS_PROJECT_NAME=demo $V/openstack"  # A's member
 OB="env OS_USERNAME=alt_demo OS_PASSWORD=alt_demopass OS_PROJECT_NAME=alt_demo $V/openstack"
+API=http://127.0.0.1:8790  # cloudlet-api (tools/aio/services.sh)
 CM="$V/cloudlet-manage --config-file $A/etc/nova/nova.conf"
 INSTANCES=$A/state/nova/instances
 GUEST=${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet/testguest}
@@ -32,9 +37,14 @@ FLAVOR=cloudlet.small
 
 [ -f "$A/state/stack" ] || die "the all-in-one is not up: run tools/aio/up.sh"
 rm -rf "$E"; mkdir -p "$E"
-for s in vm0 vm1 vm2 vm3; do  # a previous run's servers
-    $O server show "$s" >/dev/null 2>&1 && $O server delete --wait "$s"
-done
+# a previous run's servers, overlays and bases (A's names must be unique for name lookups); a
+# base is deleted by an admin or a project manager (cloudlet:base:delete), not by a member
+mapfile -t OLD < <($O server list -f value -c ID)
+[ ${#OLD[@]} = 0 ] || $O server delete --wait "${OLD[@]}"
+mapfile -t OLD < <($O cloudlet overlay list -f value -c id)
+[ ${#OLD[@]} = 0 ] || $O cloudlet overlay delete "${OLD[@]}"
+mapfile -t OLD < <($O cloudlet base list -f value -c id)
+[ ${#OLD[@]} = 0 ] || $OA cloudlet base delete "${OLD[@]}"
 # the packages `cloudlet-manage base register` may import ([cloudlet] base_import_dir)
 IMPORT_DIR=$(awk -F' *= *' '/^base_import_dir/{print $2}' "$A/etc/nova/nova.conf")
 [ -n "$IMPORT_DIR" ] || die "no [cloudlet] base_import_dir in $A/etc/nova/nova.conf"
@@ -79,15 +89,7 @@ wait_console() {  # SERVER TEXT SECONDS: wait for TEXT in the server's console l
     die "no '$2' on $1's console within $3 s (log: $INSTANCES/$id/console.log)"
 }
 
-# -- projects: A owns its images, B can neither see nor boot them -----------------------------
-give_to_a() {  # CLOUDLET-MANAGE OUTPUT: its images become project A's (private)
-    local id
-    for id in $(awk '/_image /{print $2}' "$1"); do
-        $OA image set --project demo --private "$id"
-        [ "$($O image show "$id" -f value -c visibility)" = private ] || \
-            die "A cannot see image $id"
-    done
-}
+# -- projects: A owns its objects, B can neither see nor use them ------------------------------
 refused_to_b() {  # IMAGE...: B neither sees nor boots them, through OSC and Nova's API
     local id token code
     for id in "$@"; do
@@ -106,8 +108,23 @@ refused_to_b() {  # IMAGE...: B neither sees nor boots them, through OSC and Nov
         die "Nova's API answered B's boot of A's image $1 with $code: $(cat "$E/b.out")"
     [ -z "$($OB server list -f value -c ID)" ] || die "project B has a server"
 }
+b_refused() {  # WORDS COMMAND...: B's `openstack cloudlet ...` fails and says WORDS
+    local words=$1; shift
+    $OB cloudlet "$@" > "$E/b.out" 2>&1 && die "project B could: openstack cloudlet $*"
+    grep -qiE -- "$words" "$E/b.out" || die "B's 'openstack cloudlet $*' said: $(cat "$E/b.out")"
+}
+api_call() {  # TOKEN METHOD PATH [BODY] -> the HTTP status; the body in $E/api.out
+    curl -s -o "$E/api.out" -w '%{http_code}' -X "$2" "$API$3" -H "X-Auth-Token: $1" \
+        -H 'Content-Type: application/json' ${4:+-d "$4"}
+}
+median_ms() {  # TOKEN PATH: median of 20 GETs, in ms (curl's total time)
+    local i
+    for i in $(seq 1 20); do
+        curl -s -o /dev/null -w '%{time_total}\n' "$API$2" -H "X-Auth-Token: $1"
+    done | sort -n | sed -n 10,11p | awk '{s += $1} END {printf "%.1f", s / 2 * 1000}'
+}
 
-# -- 1. an engine package registered (twice: the second uploads nothing) ---------------------
+# -- 1. an engine package: registered by the operator (twice), imported by A ------------------
 "$AIO_REPO/tools/testguest/build.sh" "$GUEST" >/dev/null
 APPEND=$("$V/python" -c "import json; print(json.load(open('$GUEST/guest.json'))['append'])")
 MARKER=$("$V/python" -c "import json; print(json.load(open('$GUEST/guest.json'))['ready_marker'])")
@@ -121,13 +138,50 @@ rm -f "$PACKAGE"
 step "standalone base create + export"
 $CM base register "$PACKAGE" --name e2e-package > "$E/register.out"
 PKG_IMAGE=$(awk '/^disk_image /{print $2}' "$E/register.out")
-[ -n "$PKG_IMAGE" ] || die "registration printed no disk image"
+PKG_BASE_ID=$(awk '/^base_id /{print $2}' "$E/register.out")
+[ -n "$PKG_IMAGE" ] && [ -n "$PKG_BASE_ID" ] || die "registration printed no disk image or base id"
 N_IMAGES=$($OA image list -f value -c ID | wc -l)
 $CM base register "$PACKAGE" --name e2e-package > "$E/register2.out"
 [ "$(awk '/^disk_image /{print $2}' "$E/register2.out")" = "$PKG_IMAGE" ] || \
     die "registering the same package twice made new images"
 [ "$($OA image list -f value -c ID | wc -l)" = "$N_IMAGES" ] || die "the second registration uploaded"
 step "cloudlet-manage base register (twice)"
+$O cloudlet base import "$PACKAGE" --name e2e-package --wait -f json > "$E/import.json" \
+    2> "$E/import.err" || die "base import failed: $(cat "$E/import.err")"
+step "CLI: cloudlet base import --wait"
+$O cloudlet base list -f value -c name -c base_id > "$E/bases.out"
+grep -qx "e2e-package $PKG_BASE_ID" "$E/bases.out" || die "base list: $(cat "$E/bases.out")"
+step "CLI: cloudlet base list"
+mapfile -t IMPORTED < <($O cloudlet base show e2e-package -f value -c id -c base_id)
+[ "${IMPORTED[1]:-}" = "$PKG_BASE_ID" ] || die "the imported base's id is not the package's $PKG_BASE_ID"
+step "CLI: cloudlet base show"
+# a tampered package: one byte of the kernel changed inside the (valid) tar stream; prints the
+# kernel's sha256 its manifest promises
+KERNEL_SHA=$("$V/python" - "$PACKAGE" "$E/tampered.cbase" <<'PY'
+import io, json, sys, tarfile, zstandard
+src, dst = sys.argv[1:]
+with open(src, "rb") as i, open(dst, "wb") as o, \
+        zstandard.ZstdDecompressor().stream_reader(i) as r, \
+        zstandard.ZstdCompressor().stream_writer(o) as w, \
+        tarfile.open(fileobj=r, mode="r|") as tin, tarfile.open(fileobj=w, mode="w|") as tout:
+    for m in tin:
+        data = tin.extractfile(m).read()
+        if m.name == "manifest.json":
+            print(next(f["sha256"] for f in json.loads(data)["files"] if f["name"] == "kernel"))
+        if m.name == "kernel":
+            data = data[:4096] + bytes([data[4096] ^ 0xFF]) + data[4097:]
+        tout.addfile(m, io.BytesIO(data))
+PY
+)
+N_IMAGES=$($OA image list -f value -c ID | wc -l)
+$O cloudlet base import "$E/tampered.cbase" --name e2e-tampered --wait > "$E/tampered.out" 2>&1 \
+    && die "a tampered package was imported"
+grep -q "member kernel has sha256 .*says $KERNEL_SHA" "$E/tampered.out" || \
+    die "the tampered package's refusal does not name the kernel's digest: $(cat "$E/tampered.out")"
+[ "$($OA image list -f value -c ID | wc -l)" = "$N_IMAGES" ] || \
+    die "a refused package left images in Glance"
+echo "aio: tampered package refused: $(grep -o 'member kernel has sha256 [0-9a-f]*' "$E/tampered.out")"
+step "CLI: tampered package refused, nothing in Glance"
 
 # -- 2. the base, created in Nova from a running server -----------------------------------------
 $OA flavor show "$FLAVOR" >/dev/null 2>&1 || $OA flavor create --ram 256 --disk 1 --vcpus 1 "$FLAVOR" >/dev/null
@@ -146,15 +200,15 @@ wait_console vm0 "$MARKER" 300
 UPTIME0=$(guest_run vm0 "cut -d' ' -f1 /proc/uptime")
 echo "aio: vm0 booted: guest uptime ${UPTIME0}s"
 step "vm0 guest ready"
-$CM base create "$($O server show vm0 -f value -c id)" --name e2e-base > "$E/base.out"
-BASE_IMAGE=$(awk '/^disk_image /{print $2}' "$E/base.out")
-[ -n "$BASE_IMAGE" ] || die "base create printed no disk image"
+$O cloudlet base create vm0 --name e2e-base --wait -f json > "$E/base.json" 2> "$E/base.err" \
+    || die "base create failed: $(cat "$E/base.err")"
+mapfile -t BASE < <($O cloudlet base show e2e-base -f value -c id -c base_id -c memory_image_id)
+BASE_IMAGE=${BASE[0]:-}; BASE_MEMORY=${BASE[2]:-}
+[ -n "$BASE_MEMORY" ] || die "base e2e-base has no memory image"
 [ "$($O server show vm0 -f value -c status)" = ACTIVE ] || die "vm0 is not ACTIVE after base create"
-echo "aio: base $(awk '/^base_id /{print $2}' "$E/base.out"): disk image $BASE_IMAGE"
-step "cloudlet-manage base create vm0"
-give_to_a "$E/base.out"
-# shellcheck disable=SC2046
-refused_to_b $(awk '/_image /{print $2}' "$E/base.out")
+echo "aio: base ${BASE[1]}: disk image $BASE_IMAGE, memory image $BASE_MEMORY"
+step "CLI: cloudlet base create vm0 --wait"
+refused_to_b "$BASE_IMAGE" "$BASE_MEMORY"
 step "A's base images: project B cannot see or boot them"
 $O server delete --wait vm0
 step "delete vm0"
@@ -171,28 +225,65 @@ step "vm1 answers on its console"
 
 # -- 4. customise, capture ---------------------------------------------------------------------
 guest_run vm1 "echo customised-on-disk > /data/www/index.html && sync && echo customised-in-ram > /ram.txt" >/dev/null
-$CM overlay capture "$($O server show vm1 -f value -c id)" --name e2e-overlay > "$E/capture.out"
-OVERLAY=$(awk '/^overlay_image /{print $2}' "$E/capture.out")
-[ -n "$OVERLAY" ] || die "capture printed no overlay image"
-give_to_a "$E/capture.out"
+$O cloudlet overlay create vm1 --name app --wait -f json > "$E/capture.json" 2> "$E/capture.err" \
+    || die "overlay create failed: $(cat "$E/capture.err")"
+OVERLAY=$($O cloudlet overlay show app -f value -c id)
 [ "$($O server show vm1 -f value -c status)" = ACTIVE ] || die "vm1 is not ACTIVE after capture"
 assert_contains "$(guest_run vm1 'cat /ram.txt')" customised-in-ram
-echo "aio: overlay $OVERLAY: $($O image show "$OVERLAY" -f value -c size) bytes"
-step "capture overlay (vm1 runs on)"
-refused_to_b "$OVERLAY"
-step "A's overlay: project B cannot see or boot it"
+echo "aio: overlay $OVERLAY: $($O cloudlet overlay show app -f value -c size) bytes"
+step "CLI: cloudlet overlay create vm1 --wait"
+$O cloudlet overlay list -f value -c name | grep -qx app || die "overlay list has no 'app'"
+step "CLI: cloudlet overlay list"
 
-# -- 5. a new server from the overlay ----------------------------------------------------------
-$O server create --flavor "$FLAVOR" --image "$OVERLAY" --nic none --wait vm2 >/dev/null
-step "boot vm2 from the overlay to ACTIVE"
-OUT=$(guest_run vm2 "cat /data/www/index.html /ram.txt")
+# -- 5. project B: refused everywhere, nothing changed ------------------------------------------
+VM1=$($O server show vm1 -f value -c id)
+TOKEN_A=$($O token issue -f value -c id)
+TOKEN_B=$($OB token issue -f value -c id)
+$OB cloudlet overlay list -f value -c id | grep -qx "$OVERLAY" && die "B lists A's overlay"
+# the client looks the overlay up first (cloudlet-api: 404) and the server (Nova: 404)
+NO_OVERLAY="no overlay with id or name '$OVERLAY'"
+b_refused "$NO_OVERLAY" overlay show "$OVERLAY"
+b_refused "$NO_OVERLAY" overlay download "$OVERLAY" --file "$E/b.overlay"
+[ ! -e "$E/b.overlay" ] && [ ! -e "$E/b.overlay.part" ] || die "B's download left a file"
+b_refused "$NO_OVERLAY" overlay delete "$OVERLAY"
+b_refused "no server with id or name '$VM1'" overlay create "$VM1" --name stolen --wait
+b_refused "$NO_OVERLAY" synthesize "$OVERLAY" --flavor "$FLAVOR" --no-network --name b1 --wait
+# cloudlet-api's own answers to B, past the client's look-ups: 404 for each
+b_api_404() {  # METHOD PATH [BODY]
+    local code; code=$(api_call "$TOKEN_B" "$@")
+    [ "$code" = 404 ] && grep -qiE "not (be )?found|not a cloudlet" "$E/api.out" || \
+        die "cloudlet-api answered B's $1 $2 with $code: $(cat "$E/api.out")"
+}
+b_api_404 GET "/overlays/$OVERLAY/file"
+b_api_404 DELETE "/overlays/$OVERLAY"
+b_api_404 POST /overlays "{\"server_id\": \"$VM1\", \"name\": \"stolen\"}"
+b_api_404 POST /syntheses "{\"overlay_id\": \"$OVERLAY\", \"name\": \"b1\",
+    \"flavor_id\": \"$FLAVOR_ID\", \"network\": \"none\"}"
+[ -z "$($OB cloudlet task list -f value -c id)" ] || die "project B has tasks"
+[ "$($O cloudlet overlay show "$OVERLAY" -f value -c status)" = active ] || die "A's overlay changed"
+refused_to_b "$OVERLAY"
+code=$(api_call "" GET /overlays)
+[ "$code" = 401 ] || die "cloudlet-api answered a request without a token with $code"
+step "B refused A's overlay and server; no token: 401"
+
+# -- 6. synthesis: a new server from the overlay -----------------------------------------------
+$O cloudlet synthesize app --flavor "$FLAVOR" --no-network --name app1 --wait -f json \
+    > "$E/synth.json" 2> "$E/synth.err" || die "synthesize failed: $(cat "$E/synth.err")"
+[ "$($O server show app1 -f value -c status)" = ACTIVE ] || die "app1 is not ACTIVE"
+step "CLI: cloudlet synthesize app --wait"
+OUT=$(guest_run app1 "cat /data/www/index.html /ram.txt")
 assert_contains "$OUT" customised-on-disk
 assert_contains "$OUT" customised-in-ram
-echo "aio: vm2 answers: $(echo "$OUT" | tr '\n' ' ')"
-step "vm2 answers with the customised content"
+echo "aio: app1 answers: $(echo "$OUT" | tr '\n' ' ')"
+step "app1 answers with the customised content"
+echo "aio: cloudlet-api latency, median of 20 (ms): base list $(median_ms "$TOKEN_A" /bases)," \
+    "base show $(median_ms "$TOKEN_A" "/bases/$BASE_IMAGE"), overlay list" \
+    "$(median_ms "$TOKEN_A" /overlays), overlay show $(median_ms "$TOKEN_A" "/overlays/$OVERLAY")"
+step "API latency (4 x 20 GETs)"
 
-# -- 6. a tampered overlay is refused, nothing left behind --------------------------------------
-$O image save --file "$E/overlay" "$OVERLAY"
+# -- 7. a tampered overlay is refused, nothing left behind --------------------------------------
+$O cloudlet overlay download app --file "$E/overlay"
+step "CLI: cloudlet overlay download"
 "$V/python" - "$E/overlay" <<'PY'
 import sys
 p = sys.argv[1]; data = bytearray(open(p, "rb").read())
@@ -223,7 +314,14 @@ $VIRSH list --all --name | grep -qx "$DOM3" \
     && die "a libvirt domain of vm3 is left" || true
 step "tampered overlay -> ERROR, nothing left"
 
-$O server delete --wait vm1 vm2 vm3
+$O server delete --wait vm1 app1 vm3
 $O image delete "$BAD"
-step "clean up servers"
+$O cloudlet overlay delete app
+$O cloudlet base delete e2e-base > "$E/delete.out" 2>&1 && die "a member deleted a base"
+grep -q "policy does not allow cloudlet:base:delete" "$E/delete.out" || \
+    die "a member's base delete: $(cat "$E/delete.out")"
+$OA cloudlet base delete "$BASE_IMAGE" "${IMPORTED[0]}"  # an admin may (and a project manager)
+[ -z "$($O cloudlet overlay list -f value -c id)$($O cloudlet base list -f value -c id)" ] || \
+    die "A still has overlays or bases after deleting them"
+step "clean up servers, overlay, bases"
 echo "aio: e2e PASSED"

@@ -3,8 +3,8 @@
 # $AIO_DIR/state/<name>.pid, so stopping one stops its whole process group and nothing else.
 A=$AIO_DIR
 # the order up.sh starts them in (down.sh stops them in reverse)
-SERVICES=(postgres rabbitmq libvirtd keystone placement glance nova-api neutron-standin
-          nova-conductor nova-scheduler nova-compute)
+SERVICES=(postgres rabbitmq libvirtd keystone placement glance nova-api cloudlet-api
+          neutron-standin nova-conductor nova-scheduler nova-compute)
 PSQL="$PG_BIN/psql -h 127.0.0.1 -U postgres -q"
 NM="$V/nova-manage --config-file $A/etc/nova/nova.conf"
 
@@ -115,6 +115,8 @@ start_service() {  # NAME (the stack's files exist: up.sh made them)
         nova-api) uwsgi_start nova-api 8774 nova.wsgi.osapi_compute:application \
                       "OS_NOVA_CONFIG_DIR=$A/etc/nova" \
                       "OS_NOVA_CONFIG_FILES=api-paste.ini;nova.conf;nova-api.conf" ;;
+        cloudlet-api) uwsgi_start cloudlet-api 8790 cloudlet_api.wsgi:application \
+                          "CLOUDLET_API_CONFIG=$A/etc/cloudlet/cloudlet-api.conf" ;;
         neutron-standin) daemon_start neutron-standin "$V/python" "$AIO_TOOLS/neutron_standin.py" ;;
         nova-conductor|nova-scheduler|nova-compute)
             daemon_start "$1" "$V/$1" --config-file "$A/etc/nova/nova.conf" ;;

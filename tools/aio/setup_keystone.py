@@ -12,7 +12,7 @@ roles = {r.name: r for r in c.identity.roles()}
 for name in ("member", "service"):
     if name not in roles:
         roles[name] = c.identity.create_role(name=name)
-for u in ("nova", "glance", "placement", "neutron"):
+for u in ("nova", "glance", "placement", "neutron", "cloudlet"):
     user = c.identity.find_user(u) or c.identity.create_user(name=u, password=u + "pass",
                                                               domain_id="default")
     for r in ("admin", "service"):
@@ -25,7 +25,8 @@ for name in ("demo", "alt_demo"):  # tools/aio/memberrc; e2e.sh's projects A and
 for name, kind, url in (("placement", "placement", "http://127.0.0.1:8778"),
                         ("glance", "image", "http://127.0.0.1:9292"),
                         ("nova", "compute", "http://127.0.0.1:8774/v2.1"),
-                        ("neutron", "network", "http://127.0.0.1:9696")):
+                        ("neutron", "network", "http://127.0.0.1:9696"),
+                        ("cloudlet", "cloudlet", "http://127.0.0.1:8790")):
     if c.identity.find_service(name) is None:
         s = c.identity.create_service(name=name, type=kind)
         for iface in ("public", "internal", "admin"):

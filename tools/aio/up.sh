@@ -1,7 +1,8 @@
 #!/bin/bash
 # Start a real all-in-one OpenStack on 127.0.0.1 with the cloudlet compute driver:
 # PostgreSQL, RabbitMQ, Keystone, Glance (file store), Placement, Nova API/conductor/scheduler/
-# compute (CloudletDriver), libvirtd. Networking: a STAND-IN for neutron-server
+# compute (CloudletDriver), libvirtd, cloudlet-api (the cloudlet REST service, catalog type
+# `cloudlet`). Networking: a STAND-IN for neutron-server
 # (neutron_standin.py, empty read-only answers; servers boot with --nic none).
 #
 #   tools/aio/up.sh            start what is not running; a new stack (fresh databases) only when
@@ -46,12 +47,14 @@ else
     echo "aio: starting what is not running (the stack's data is kept; --fresh starts anew)"
 fi
 # configs are rendered on every start: a changed template applies to the running stack's data
+mkdir -p "$A/etc/cloudlet" "$A/state/cloudlet-api"  # (added after stacks existed)
 render() { sed -e "s|@AIO_DIR@|$A|g" -e "s|@AIO_VENV@|$AIO_VENV|g" "$AIO_TOOLS/etc/$1" > "$2"; }
 render keystone.conf "$A/etc/keystone/keystone.conf"
 render placement.conf "$A/etc/placement/placement.conf"
 render glance-api.conf "$A/etc/glance/glance-api.conf"
 render nova.conf "$A/etc/nova/nova.conf"
 render nova-api.conf "$A/etc/nova/nova-api.conf"
+render cloudlet-api.conf "$A/etc/cloudlet/cloudlet-api.conf"
 cp "$AIO_VENV/etc/nova/api-paste.ini" "$A/etc/nova/"  # nova-api under uwsgi reads it from there
 
 ensure() {  # NAME: start it unless it runs
@@ -95,7 +98,7 @@ if $NEW; then
     step "placement/glance/nova databases"
 fi
 
-for s in placement glance nova-api neutron-standin nova-conductor nova-scheduler nova-compute; do
+for s in placement glance nova-api cloudlet-api neutron-standin nova-conductor nova-scheduler nova-compute; do
     ensure "$s"
 done
 registered() {  # (not a pipe into grep -q: with pipefail, nova-manage's SIGPIPE fails it)

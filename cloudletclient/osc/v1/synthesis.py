@@ -36,7 +36,13 @@ class Synthesize(command.ShowOne):
         parser.add_argument(
             "--flavor", metavar="<flavor>", required=True, help="flavor (name or id)"
         )
-        parser.add_argument("--network", metavar="<network>", help="network (name or id)")
+        networks = parser.add_mutually_exclusive_group()
+        networks.add_argument("--network", metavar="<network>", help="network (name or id)")
+        networks.add_argument(
+            "--no-network",
+            action="store_true",
+            help="a server without a network (default: Nova's automatic allocation)",
+        )
         common.add_wait(parser)
         return parser
 
@@ -53,7 +59,9 @@ class Synthesize(command.ShowOne):
         except sdk_exceptions.ResourceNotFound as e:
             raise exceptions.CommandError(str(e)) from None
         overlay = client.find_overlay(args.overlay)
-        synthesis = client.synthesize(overlay.id, args.name, flavor, network)
+        synthesis = client.synthesize(
+            overlay.id, args.name, flavor, network, "none" if args.no_network else None
+        )
         if args.wait:
             common.wait(client, synthesis.task_id, args.wait_timeout)
             synthesis = client.get_synthesis(synthesis.id)
