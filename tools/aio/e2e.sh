@@ -12,6 +12,8 @@
 #   which a standalone base was not.
 #   -> the test guest as Glance images (kernel, ramdisk, raw disk) -> a plain server boots it
 #   -> `openstack cloudlet base create` makes a base VM of that running server
+#   -> project B's own images labelled with A's base id (a forged disk image naming A's memory
+#      image, a forged pair, an overlay naming A's base disk image) end in ERROR on the host
 #   -> boot from the base (resumed: no boot on the console, uptime continues from the snapshot)
 #   -> customise (a file on disk, a file in RAM, over the serial console)
 #   -> `openstack cloudlet overlay create --wait` -> `openstack cloudlet synthesize --wait` -> the
@@ -107,6 +109,29 @@ refused_to_b() {  # IMAGE...: B neither sees nor boots them, through OSC and Nov
     [ "$code" = 400 ] && grep -q "Can not find requested image" "$E/b.out" || \
         die "Nova's API answered B's boot of A's image $1 with $code: $(cat "$E/b.out")"
     [ -z "$($OB server list -f value -c ID)" ] || die "project B has a server"
+}
+b_boot_refused() {  # IMAGE: B's boot of its own IMAGE ends in ERROR with a cloudlet fault,
+    # nothing resumed (no domain, no instance directory)
+    local id st fault
+    id=$($OB server create --flavor "$FLAVOR" --image "$1" --nic none vm-forged -f value -c id)
+    for _ in $(seq 1 120); do
+        st=$($OB server show "$id" -f value -c status); [ "$st" = ERROR ] && break
+        [ "$st" = ACTIVE ] && die "project B resumed A's base through its own image $1"; sleep 1
+    done
+    [ "$st" = ERROR ] || die "B's boot of image $1 is $st, not ERROR, after 120 s"
+    fault=$($OB server show "$id" -f json -c fault | "$V/python" -c \
+        'import json, sys; print(json.load(sys.stdin)["fault"]["message"])')
+    assert_contains "$fault" "Cloudlet image $1"
+    echo "aio: B's image $1 refused: $fault"
+    [ ! -e "$INSTANCES/$id" ] || die "instance directory of B's refused server left on the host"
+    $VIRSH list --all --name | grep -qx "$($OA server show "$id" -f value \
+        -c OS-EXT-SRV-ATTR:instance_name)" && die "a libvirt domain of B's refused server is left"
+    $OB server delete --wait "$id"
+}
+forged_by_b() {  # NAME PROPERTY...: B's own 1 MiB image of random bytes, labelled as told
+    local name=$1; shift
+    $OB image create --disk-format raw --container-format bare --file "$E/forged.raw" "$@" \
+        "$name" -f value -c id
 }
 b_refused() {  # WORDS COMMAND...: B's `openstack cloudlet ...` fails and says WORDS
     local words=$1; shift
@@ -210,6 +235,24 @@ echo "aio: base ${BASE[1]}: disk image $BASE_IMAGE, memory image $BASE_MEMORY"
 step "CLI: cloudlet base create vm0 --wait"
 refused_to_b "$BASE_IMAGE" "$BASE_MEMORY"
 step "A's base images: project B cannot see or boot them"
+# B's own images labelled with A's base (cached on the host since base create): by A's memory
+# image (not B's to read), by a forged pair (Glance's content hashes are not the base's), and as
+# an overlay naming A's base disk image; each refused on the host, nothing of A's base resumed
+head -c 1M /dev/urandom > "$E/forged.raw"
+FORGED_BY_MEMORY=$(forged_by_b forged-disk --property cloudlet_type=base-disk \
+    --property cloudlet_base_id="${BASE[1]}" --property cloudlet_memory_image="$BASE_MEMORY")
+b_boot_refused "$FORGED_BY_MEMORY"
+FORGED_MEM=$(forged_by_b forged-mem --property cloudlet_type=base-memory \
+    --property cloudlet_base_id="${BASE[1]}")
+FORGED_DISK=$(forged_by_b forged-pair --property cloudlet_type=base-disk \
+    --property cloudlet_base_id="${BASE[1]}" --property cloudlet_memory_image="$FORGED_MEM")
+$OB image set --property cloudlet_disk_image="$FORGED_DISK" "$FORGED_MEM"
+b_boot_refused "$FORGED_DISK"
+FORGED_OVERLAY=$(forged_by_b forged-overlay --property cloudlet_type=overlay \
+    --property cloudlet_base_id="${BASE[1]}" --property cloudlet_base_disk_image="$BASE_IMAGE")
+b_boot_refused "$FORGED_OVERLAY"
+$OB image delete "$FORGED_BY_MEMORY" "$FORGED_MEM" "$FORGED_DISK" "$FORGED_OVERLAY"
+step "B's images forged with A's base id: refused on the host"
 $O server delete --wait vm0
 step "delete vm0"
 
