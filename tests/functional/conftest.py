@@ -97,6 +97,14 @@ def create_test_base(home: Path, test_guest: Path, qemu: str | None = None, *ext
     )
 
 
+def create_test_overlay(home: Path, out: Path, qemu: str | None = None, *extra: str):
+    """`cloudlet overlay create` of the test guest's base in `home`, customised by CUSTOMISE."""
+    return cloudlet(
+        home, "overlay", "create", "testguest", "--script", str(CUSTOMISE), "-o", str(out),
+        *extra, qemu=qemu,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def home_a(tmp_path_factory, test_guest: Path) -> Path:
     """A cloudlet home holding a base VM made from the test guest."""
@@ -108,17 +116,7 @@ def home_a(tmp_path_factory, test_guest: Path) -> Path:
 @pytest.fixture(scope="session")
 def overlay(home_a: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("overlay") / "app.overlay"
-    done = cloudlet(
-        home_a,
-        "overlay",
-        "create",
-        "testguest",
-        "--script",
-        str(CUSTOMISE),
-        "-o",
-        str(out),
-        "--json",
-    )
+    done = create_test_overlay(home_a, out, None, "--json")
     stats = json.loads(done.stdout)
     assert stats["counters"]["overlay size"] == out.stat().st_size
     return out

@@ -19,7 +19,12 @@ from cloudlet.hypervisor.config import QEMU_ENV, qemu_version
 from cloudlet.hypervisor.qemu import free_port
 from cloudlet.memory.stream import MemoryLayout
 from cloudlet.overlay.reader import OverlayReader
-from tests.functional.conftest import CUSTOMISE, cloudlet, create_test_base, leftovers
+from tests.functional.conftest import (
+    cloudlet,
+    create_test_base,
+    create_test_overlay,
+    leftovers,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.cross_version]
 OLDER = "qemu-system-x86_64"  # the system QEMU, on PATH
@@ -42,17 +47,7 @@ def newer_home(tmp_path_factory, test_guest: Path, newer_qemu: str) -> Path:
 @pytest.fixture(scope="module")
 def newer_overlay(newer_home: Path, newer_qemu: str, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("newer-overlay") / "app.overlay"
-    cloudlet(
-        newer_home,
-        "overlay",
-        "create",
-        "testguest",
-        "--script",
-        str(CUSTOMISE),
-        "-o",
-        str(out),
-        qemu=newer_qemu,
-    )
+    create_test_overlay(newer_home, out, newer_qemu)
     return out
 
 
