@@ -135,7 +135,7 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
         lv = libvirt_driver.libvirt
         flags = lv.VIR_DOMAIN_SAVE_PAUSED if pause else lv.VIR_DOMAIN_SAVE_RUNNING
         try:
-            spawn.restore(self._host.get_connection(), xml, st, instance_dir, flags)
+            spawn.restore(self._host.get_connection(), self.cache, xml, st, instance_dir, flags)
         except lv.libvirtError as e:
             # another host's libvirt would refuse the same snapshot: a fault, not a reschedule
             # (Nova's _create_guest_with_network undefines the domain and removes the disks)
