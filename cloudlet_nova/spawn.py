@@ -53,7 +53,7 @@ _FAULTS: list[tuple[tuple[type[CloudletError], ...], type[errors.CloudletImageUn
 
 def prepare(
     cache: BaseCache, glance: GlanceImages, image: CloudletImage, instance: Any,
-    instance_dir: Path, host_cpu: HostCPU,
+    instance_dir: Path, host_cpu: HostCPU, stats: Stats,
 ) -> state.InstanceState:
     """Make the instance's images ready (base cached, overlay synthesized) and record its state.
 
@@ -61,7 +61,8 @@ def prepare(
     that user can read and whose content hashes are proven to hold it (BaseCache.ensure), on
     every boot. The base's CPU must be one this host provides (`host_cpu`): checked before any
     download from what its images announce, then from what the base records. Raises a
-    CloudletImageUnacceptable subclass (an instance fault) on every refusal.
+    CloudletImageUnacceptable subclass (an instance fault) on every refusal. `stats` gets the
+    engine's stages (cloudlet_nova.records), after "fetch base" (the cache's proof or download).
     """  # fmt: skip
     if image.kind is Kind.BASE_MEMORY:
         raise errors.CloudletImageInvalid(
@@ -73,7 +74,8 @@ def prepare(
     disk_image, memory_image = glance.base_images(image)
     announced = disk_image.cpu or image.cpu
     host_cpu.check(image.image_id, announced)
-    base = cache.ensure(glance, disk_image, memory_image)
+    with stats.stage("fetch base"):
+        base = cache.ensure(glance, disk_image, memory_image)
     config = VMConfig.from_dict(base.config)
     if config.cpu != announced:  # the images only announce it: the base's record decides
         host_cpu.check(image.image_id, config.cpu)
@@ -92,14 +94,15 @@ def prepare(
             layout=str(base.memory_layout_path),
         )
     else:
-        st = _synthesize(cache, glance, image, base, state.work_dir(instance_dir))
+        st = _synthesize(cache, glance, image, base, state.work_dir(instance_dir), stats)
     st.cpu = config.cpu
     state.save(instance_dir, st)
     return st
 
 
 def _synthesize(
-    cache: BaseCache, glance: GlanceImages, image: CloudletImage, base: BaseVM, work: Path
+    cache: BaseCache, glance: GlanceImages, image: CloudletImage, base: BaseVM, work: Path,
+    stats: Stats,
 ) -> state.InstanceState:
     """Synthesize the overlay over the cached base into plain images in `work`, through the
     engine's one synthesis path: the overlay read from Glance with the booting user's context,
@@ -117,7 +120,7 @@ def _synthesize(
         id=image.image_id,
     )
     try:
-        with prepare_synthesis(cache.home, spec, Stats()) as synth:
+        with prepare_synthesis(cache.home, spec, stats) as synth:
             synth.start()
             assert synth.images is not None
             layout_path.write_bytes(synth.layout.to_bytes())
@@ -152,7 +155,8 @@ def create_root_disk(path: Path, st: state.InstanceState, root_gb: int) -> None:
 
 
 def restore(
-    conn: Any, cache: BaseCache, xml: str, st: state.InstanceState, instance_dir: Path, flags: int
+    conn: Any, cache: BaseCache, xml: str, st: state.InstanceState, instance_dir: Path,
+    flags: int, stats: Stats,
 ) -> None:
     """Resume the instance's images (a synthesis's, or the cached base's) into the defined
     domain with the engine's runner for libvirt. A synthesized memory image is removed
@@ -171,7 +175,7 @@ def restore(
         work_dir=work,
     )
     LibvirtRestore(conn, xml, flags, st.image_id, st.cpu).resume(
-        images, Stats(), CONF.cloudlet.synthesis_timeout
+        images, stats, CONF.cloudlet.synthesis_timeout
     )
     if Path(st.memory).parent == work:  # synthesized: now in the guest, no longer needed
         Path(st.memory).unlink(missing_ok=True)
