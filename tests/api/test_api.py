@@ -292,26 +292,6 @@ def test_synthesis_is_a_server_create_from_the_overlay(api: API) -> None:
     assert synthesis["task_id"] in [t["id"] for t in listed]
 
 
-def _record(server_id: str, project_id: str) -> dict:
-    """A spawn record as a compute host keeps it (cloudlet_nova.records): stages by name, in the
-    order they were entered (here not the order they started: "apply overlay" overlaps)."""
-    stage = {"seconds": 1.0, "bytes": 0, "failed": False}
-    return {
-        "instance_uuid": server_id, "project_id": project_id, "image_id": "overlay",
-        "kind": "overlay", "state": "running", "error": None,
-        "started_at": "2026-12-08T00:00:00+00:00",
-        "stats": {
-            "stages": {
-                "fetch base": {**stage, "start": 0.0, "end": 0.1},
-                "restore memory": {**stage, "start": 0.9, "end": 1.9},
-                "apply overlay": {**stage, "start": 0.3, "end": 2.5, "bytes": 4096},
-                "open + verify manifest": {**stage, "start": 0.1, "end": 0.3},
-            },
-            "counters": {"frames fetched on demand": 3},
-        },
-    }  # fmt: skip
-
-
 def test_synthesis_statistics_come_from_its_compute_host(api: API) -> None:
     overlay = objects.overlay(api, PROJECT_A)
     body = {"overlay_id": overlay, "name": "app1", "flavor_id": "1", "network": "none"}
@@ -320,7 +300,7 @@ def test_synthesis_statistics_come_from_its_compute_host(api: API) -> None:
     server_id = created["id"]
     shown = api.call("reader", "GET", f"/syntheses/{server_id}").json()["synthesis"]
     assert shown["statistics"] is None  # the host has no record yet
-    api.host.syntheses[server_id] = _record(server_id, PROJECT_A)
+    api.host.syntheses[server_id] = objects.synthesis_record(server_id, PROJECT_A)
     shown = api.call("reader", "GET", f"/syntheses/{server_id}").json()["synthesis"]
     stats = shown["statistics"]
     assert (stats["state"], stats["error"], stats["started_at"]) == (
@@ -339,7 +319,7 @@ def test_synthesis_statistics_come_from_its_compute_host(api: API) -> None:
              if s["id"] == server_id]  # fmt: skip
     assert row["statistics"] == stats
     # a record of another project (a host answers None to this caller): no statistics
-    api.host.syntheses[server_id] = _record(server_id, PROJECT_B)
+    api.host.syntheses[server_id] = objects.synthesis_record(server_id, PROJECT_B)
     shown = api.call("reader", "GET", f"/syntheses/{server_id}").json()["synthesis"]
     assert shown["statistics"] is None
 
