@@ -23,7 +23,11 @@ class CloudletService(service_description.ServiceDescription):
 
 
 def register(conn: Any) -> Any:
-    """Attach `conn.cloudlet` to an openstack.connection.Connection (returns it)."""
-    if not hasattr(conn, SERVICE_TYPE):
-        conn.add_service(CloudletService(service_type=SERVICE_TYPE))
+    """Attach `conn.cloudlet` to an openstack.connection.Connection (returns it).
+
+    Every connection is registered: add_service puts the attribute on the Connection class
+    (so a second connection already "has" it) but enables the service in this connection's own
+    configuration only; without that, a second connection's `cloudlet` is a disabled stub.
+    """
+    conn.add_service(CloudletService(service_type=SERVICE_TYPE))
     return conn
