@@ -32,6 +32,8 @@ class IndexView(tables.DataTableView):
             return []
         # each summary reads the head of one overlay file: in parallel, as Horizon's
         # Instances view gathers its images, flavors and volumes
+        if not overlays:
+            return pending
         rows = futurist_utils.call_functions_parallel(
             *[(overlay_tables.with_summary, (self.request, o)) for o in overlays]
         )
