@@ -4,7 +4,7 @@ from typing import Any
 
 from django.utils.translation import gettext_lazy as _
 from horizon import forms, messages
-from openstack_dashboard import api
+from novaclient import exceptions as nova_exceptions
 
 from cloudlet_dashboard.api import cloudlet
 from cloudlet_dashboard.content import instances
@@ -89,25 +89,11 @@ class LaunchForm(forms.SelfHandlingForm):
         self.fields["network"].choices = instances.network_choices(request)
 
     def handle(self, request: Any, data: dict[str, Any]) -> Any:
-        base_id = self.initial["base_id"]
-        network = data["network"]
-        nics: Any = (
-            network
-            if network in (instances.AUTO_NETWORK, instances.NO_NETWORK)
-            else [{"net-id": network}]
-        )
         try:
-            server = api.nova.server_create(
-                request,
-                data["name"],
-                base_id,
-                data["flavor"],
-                key_name=None,
-                user_data=None,
-                security_groups=None,
-                nics=nics,
+            server = instances.launch(
+                request, data["name"], self.initial["base_id"], data["flavor"], data["network"]
             )
-        except Exception as e:
+        except nova_exceptions.ClientException as e:
             self.api_error(_("Nova refused to launch the instance: %s") % e)
             return False
         messages.success(request, _('Launching "%s" from the base VM.') % data["name"])
