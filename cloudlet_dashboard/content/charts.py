@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from django.utils.translation import gettext as _
+
 WIDTH = 640  # drawing width of the bars' area, in SVG units
 LABEL_WIDTH = 150
 ROW_HEIGHT = 26
@@ -80,34 +82,46 @@ def chunk_kinds(chunks: dict[str, int]) -> Chart | None:
 
 
 STAGE_COLOUR = "#337ab7"
+RUNNING_COLOUR = "#9acfea"
 FAILED_COLOUR = "#d9534f"
 
 
 def timeline(stages: list[dict[str, Any]]) -> Chart | None:
     """One bar per stage from its start to its end (seconds since the synthesis began, as the
-    compute host measured them); overlapping stages overlap on the time axis."""
-    timed = [s for s in stages if s.get("start") is not None and s.get("end") is not None]
-    if not timed:
+    compute host measured them); overlapping stages overlap on the time axis. A stage still
+    running (no end yet) reaches to the latest moment the record knows."""
+    started = [s for s in stages if s.get("start") is not None]
+    if not started:
         return None
-    span = max(float(s["end"]) for s in timed) or 1.0
+    moments = [float(s["start"]) for s in started] + [
+        float(s["end"]) for s in started if s.get("end") is not None
+    ]
+    span = max(moments) or 1.0
     bars = []
-    for i, stage in enumerate(timed):
-        start, end = float(stage["start"]), float(stage["end"])
-        seconds = float(stage.get("seconds") if stage.get("seconds") is not None else end - start)
+    for i, stage in enumerate(started):
+        running = stage.get("end") is None
+        start = float(stage["start"])
+        end = span if running else float(stage["end"])
+        seconds = float(stage.get("seconds") or 0.0)
+        if stage.get("failed"):
+            colour = FAILED_COLOUR
+        else:
+            colour = RUNNING_COLOUR if running else STAGE_COLOUR
         bars.append(
             Bar(
                 label=stage["name"],
                 x=LABEL_WIDTH + WIDTH * start / span,
                 width=max(1.0, WIDTH * (end - start) / span),
                 y=i * ROW_HEIGHT,
-                colour=FAILED_COLOUR if stage.get("failed") else STAGE_COLOUR,
-                text=f"{seconds:.2f} s",
+                colour=colour,
+                text=_("running") if running else f"{seconds:.2f} s",
                 data={
                     "stage": stage["name"],
                     "start": f"{start:.3f}",
-                    "end": f"{end:.3f}",
+                    "end": "" if running else f"{end:.3f}",
                     "seconds": f"{seconds:.3f}",
                     "bytes": stage.get("bytes") or 0,
+                    "running": "true" if running else "false",
                 },
             )
         )
