@@ -21,6 +21,7 @@ class ImportBaseForm(forms.SelfHandlingForm):
     url = forms.URLField(
         label=_("or Package URL"),
         required=False,
+        assume_scheme="https",
         help_text=_("An http(s) URL the service fetches (it only accepts allowed sites)."),
     )
     name = forms.CharField(
