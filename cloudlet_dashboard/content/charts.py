@@ -4,7 +4,7 @@ reader or a test), and the same figures the service reported are what gets drawn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.utils.translation import gettext as _
@@ -46,9 +46,16 @@ class Bar:
 
 
 @dataclass
+class Tick:
+    x: float
+    label: str
+
+
+@dataclass
 class Chart:
     bars: list[Bar]
     height: int
+    ticks: list[Tick] = field(default_factory=list)  # a time axis under the bars, if any
     width: int = WIDTH + LABEL_WIDTH + 110
     label_width: int = LABEL_WIDTH
     bar_height: int = BAR_HEIGHT
@@ -56,6 +63,11 @@ class Chart:
     @property
     def label_x(self) -> int:
         return self.label_width - 8
+
+    @property
+    def axis_y(self) -> int:
+        """Where the time axis' labels go: under the last bar."""
+        return len(self.bars) * ROW_HEIGHT
 
 
 def chunk_kinds(chunks: dict[str, int]) -> Chart | None:
@@ -81,6 +93,7 @@ def chunk_kinds(chunks: dict[str, int]) -> Chart | None:
     return Chart(bars, height=len(bars) * ROW_HEIGHT)
 
 
+TICKS = 4  # intervals of the time axis
 STAGE_COLOUR = "#337ab7"
 RUNNING_COLOUR = "#9acfea"
 FAILED_COLOUR = "#d9534f"
@@ -125,4 +138,7 @@ def timeline(stages: list[dict[str, Any]]) -> Chart | None:
                 },
             )
         )
-    return Chart(bars, height=len(bars) * ROW_HEIGHT + ROW_HEIGHT)
+    ticks = [
+        Tick(LABEL_WIDTH + WIDTH * i / TICKS, f"{span * i / TICKS:.2f} s") for i in range(TICKS + 1)
+    ]
+    return Chart(bars, height=len(bars) * ROW_HEIGHT + ROW_HEIGHT, ticks=ticks)

@@ -110,6 +110,9 @@ class SynthesisDetailTests(helpers.TestCase):
         fetch, apply, restore = timeline.bars
         self.assertLess(apply.x, fetch.end)
         self.assertAlmostEqual(restore.end, timeline.label_width + 640)
+        self.assertEqual(
+            [t.label for t in timeline.ticks], ["0.00 s", "0.81 s", "1.62 s", "2.44 s", "3.25 s"]
+        )
         self.assertContains(res, 'id="synthesis-early-start"')
         self.assertContains(res, "frames fetched on demand")
         self.assertNotContains(res, "data-cloudlet-refresh")
