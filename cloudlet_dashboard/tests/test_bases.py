@@ -168,9 +168,17 @@ class ImportFormTests(helpers.TestCase):
         self.assertEqual(sent, [(b"PACKAGE" * 100, 700, "web", False)])
 
     def test_url(self) -> None:
-        by_url = self.patch_api("base_import_url", return_value=helpers.task(name="web"))
-        res = self.client.post(IMPORT_URL, {"url": "https://bases.example.com/web.cbase"})
-        self.assertNoFormErrors(res)
+        by_url = self.patch_api("base_import_url", return_value=helpers.task(name=None))
+        self.patch_api("base_list", return_value=[])
+        self.patch_api("task_list", return_value=[])
+        res = self.client.post(
+            IMPORT_URL, {"url": "https://bases.example.com/web.cbase"}, follow=True
+        )
+        self.assertEqual(res.redirect_chain, [(INDEX_URL, 302)])
+        self.assertEqual(
+            [str(m) for m in res.context["messages"]],
+            ['Importing "https://bases.example.com/web.cbase": the table shows its progress.'],
+        )
         by_url.assert_called_once_with(mock.ANY, "https://bases.example.com/web.cbase", None, False)
 
     def test_neither_or_both_is_refused(self) -> None:

@@ -39,19 +39,18 @@ class ImportBaseForm(forms.SelfHandlingForm):
 
     def handle(self, request: Any, data: dict[str, Any]) -> bool:
         name = data.get("name") or None
+        package = data.get("package")
         try:
-            if data.get("package"):
-                upload = data["package"]
-                upload.seek(0)
-                task = cloudlet.base_import_upload(request, upload, upload.size, name, False)
+            if package:
+                package.seek(0)
+                task = cloudlet.base_import_upload(request, package, package.size, name, False)
             else:
                 task = cloudlet.base_import_url(request, data["url"], name, False)
         except cloudlet.CloudletError as e:
             self.api_error(_("The service refused the package: %s") % e)
             return False
-        messages.success(
-            request, _('Importing "%s": the table shows its progress.') % (task.name or name)
-        )
+        what = task.name or name or (package.name if package else data["url"])
+        messages.success(request, _('Importing "%s": the table shows its progress.') % what)
         return True
 
 
