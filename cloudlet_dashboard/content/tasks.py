@@ -26,6 +26,7 @@ class TaskRow:
         self.created_at = task.created_at
         self.status = "error" if task.state == "failed" else task.state
         self.error = task.error
+        self.visibility = "-"  # the result's, once there is one
         self.is_task = True
 
     @property

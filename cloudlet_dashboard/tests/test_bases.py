@@ -48,6 +48,8 @@ class BasesIndexTests(helpers.TestCase):
         self.patch_api("base_list", return_value=[])
         res = self.client.get(INDEX_URL)
         self.assertContains(res, "Failed: member disk.raw: sha256 mismatch")
+        (row,) = res.context["table"].get_rows()
+        self.assertEqual((row.cells["status"].data, row.cells["visibility"].data), ("Error", "-"))
 
     def test_old_failed_tasks_are_not_listed(self) -> None:
         self.tasks["create-base"] = [
