@@ -10,6 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
 .venv/bin/ruff check cloudlet tests benchmarks cloudlet_nova cloudlet_api cloudletclient nova
+# the shell scripts: the DevStack plugin and tools/ (syntax, then shellcheck's errors and warnings)
+mapfile -t scripts < <(find devstack tools -name '*.sh' -o -path devstack/settings | sort)
+for script in "${scripts[@]}"; do bash -n "$script"; done
+shellcheck -S warning "${scripts[@]}"
 if [ -n "${CLOUDLET_QEMU:-}" ]; then
     echo "test: QEMU $CLOUDLET_QEMU"
     .venv/bin/pytest -ra -m "not cross_version" "$@"

@@ -143,8 +143,7 @@ api_call() {  # TOKEN METHOD PATH [BODY] -> the HTTP status; the body in $E/api.
         -H 'Content-Type: application/json' ${4:+-d "$4"}
 }
 median_ms() {  # TOKEN PATH: median of 20 GETs, in ms (curl's total time)
-    local i
-    for i in $(seq 1 20); do
+    for _ in $(seq 1 20); do
         curl -s -o /dev/null -w '%{time_total}\n' "$API$2" -H "X-Auth-Token: $1"
     done | sort -n | sed -n 10,11p | awk '{s += $1} END {printf "%.1f", s / 2 * 1000}'
 }

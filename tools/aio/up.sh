@@ -36,7 +36,7 @@ NEW=false
 if $FRESH || [ ! -f "$STACK" ]; then
     NEW=true
     [ -d "$A/state" ] && { "$AIO_TOOLS/down.sh" >/dev/null 2>&1 || true; }
-    rm -rf "$A/pg" "$A/state" "$A/logs" "$A/etc"
+    rm -rf "$A/pg" "$A/state" "$A/logs" "${A:?}/etc"
     mkdir -p "$A/pg" "$A/state/nova/instances" "$A/state/nova/locks" "$A/logs" \
         "$A/state/glance/"{images,staging,tasks,locks} "$A/etc/"{keystone,glance,placement,nova} \
         "$A/etc/keystone/"{fernet-keys,credential-keys} "$A/import"
