@@ -173,9 +173,17 @@ class Glance(ServiceClient):
             headers={"Content-Type": "application/octet-stream"},
         )
 
-    def download(self, image_id: str, what: str) -> tuple[int | None, Iterator[bytes]]:
-        """(length if known, chunks) of the image data, streamed."""
-        resp = self.request("GET", f"/v2/images/{image_id}/file", what, stream=True)
+    def download(
+        self, image_id: str, what: str, offset: int = 0
+    ) -> tuple[int | None, Iterator[bytes]]:
+        """(length if known, chunks) of the image data from `offset` on, streamed."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = self.request(
+            "GET", f"/v2/images/{image_id}/file", what, stream=True, headers=headers
+        )
+        if offset and resp.status_code != 206:
+            resp.close()
+            raise errors.BadGateway(f"{what}: Glance did not answer the range from {offset}")
         length = resp.headers.get("Content-Length")
 
         def chunks() -> Iterator[bytes]:
