@@ -34,6 +34,7 @@ from cloudlet_nova import glance as cloudlet_glance  # noqa: E402
 from tests.api import standins  # noqa: E402
 from tests.api.conftest import Env, write_config  # noqa: E402
 from tests.unit.test_basevm_store import make_base_dir  # noqa: E402
+from tests.unit.test_overlay_format import write_sample  # noqa: E402
 
 MiB = 1 << 20
 SERVE = """
@@ -96,12 +97,14 @@ def median_ms(call, n: int = 20) -> float:
 
 def latency(env: Env, tmp: Path) -> dict[str, float]:
     cloud = env.cloud
+    write_sample(tmp / "sample.overlay")  # a real overlay file: show reads its chunk map
+    overlay_data = (tmp / "sample.overlay").read_bytes()
     for i in range(20):
         base_id = f"{i:064x}"
         disk = cloud.add_image("project-a", f"b{i}", cloudlet_glance.base_disk_properties(
             base_id, "m"))  # fmt: skip
         overlay = cloud.add_image("project-a", f"o{i}", cloudlet_glance.overlay_properties(
-            base_id, disk), b"x")  # fmt: skip
+            base_id, disk), overlay_data)  # fmt: skip
     service = Service(env, tmp / "latency")
     try:
         s = requests.Session()

@@ -65,7 +65,12 @@ def _raise_for(resp: Any, what: str) -> None:
 
 
 def _message(body: Any) -> str:
+    """The message of an error body: Nova's {"itemNotFound": {"message"}}, Glance's, or
+    cloudlet-api's own {"errors": [{"detail"}]}."""
     if isinstance(body, dict):
+        listed = body.get("errors")
+        if isinstance(listed, list) and listed and isinstance(listed[0], dict):
+            return str(listed[0].get("detail") or listed[0].get("title") or "")
         for value in body.values():
             if isinstance(value, dict) and "message" in value:
                 return str(value["message"])
@@ -114,7 +119,10 @@ class Clients:
         )
 
 
-class _Service:
+class ServiceClient:
+    """An OpenStack service's API through a keystoneauth adapter; its error answers become ours
+    (same status, their message)."""
+
     name = ""
 
     def __init__(self, adapter: Any) -> None:
@@ -131,7 +139,7 @@ class _Service:
         return resp
 
 
-class Glance(_Service):
+class Glance(ServiceClient):
     name = "Glance"
 
     def list_images(self, **filters: str) -> list[dict[str, Any]]:
@@ -165,9 +173,17 @@ class Glance(_Service):
             headers={"Content-Type": "application/octet-stream"},
         )
 
-    def download(self, image_id: str, what: str) -> tuple[int | None, Iterator[bytes]]:
-        """(length if known, chunks) of the image data, streamed."""
-        resp = self.request("GET", f"/v2/images/{image_id}/file", what, stream=True)
+    def download(
+        self, image_id: str, what: str, offset: int = 0
+    ) -> tuple[int | None, Iterator[bytes]]:
+        """(length if known, chunks) of the image data from `offset` on, streamed."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = self.request(
+            "GET", f"/v2/images/{image_id}/file", what, stream=True, headers=headers
+        )
+        if offset and resp.status_code != 206:
+            resp.close()
+            raise errors.BadGateway(f"{what}: Glance did not answer the range from {offset}")
         length = resp.headers.get("Content-Length")
 
         def chunks() -> Iterator[bytes]:
@@ -217,7 +233,7 @@ def describe(image: dict[str, Any]) -> cloudlet_glance.CloudletImage | None:
         return None
 
 
-class Nova(_Service):
+class Nova(ServiceClient):
     name = "Nova"
 
     def get_server(self, server_id: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod zstd xz-utils
               python3-venv procps libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
-              fuse3 nginx-light iproute2 libvirt-dev pkg-config)
+              fuse3 nginx-light iproute2 libvirt-dev pkg-config shellcheck)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

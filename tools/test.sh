@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 tools/setup.sh
 .venv/bin/ruff check cloudlet tests benchmarks cloudlet_nova cloudlet_api cloudletclient \
     cloudlet_dashboard nova
+# the shell scripts: the DevStack plugin and tools/ (syntax, then shellcheck's errors and warnings)
+mapfile -t scripts < <(find devstack tools -name '*.sh' -o -path devstack/settings | sort)
+for script in "${scripts[@]}"; do bash -n "$script"; done
+shellcheck -S warning "${scripts[@]}"
 # The Horizon plugin's unit tests, in Django's test runner as Horizon's own (no guest needed)
 .venv/bin/python -m django test cloudlet_dashboard --settings=cloudlet_dashboard.test.settings
 if [ -n "${CLOUDLET_QEMU:-}" ]; then

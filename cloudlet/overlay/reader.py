@@ -147,6 +147,14 @@ class OverlayReader:
             "meta": self.meta,
         }
 
+    def chunk_kinds(self) -> dict[str, dict[str, int]]:
+        """Modified chunks per image and kind (untouched chunks are in no row of the map)."""
+        out = {}
+        for target, key in fmt.TARGET_KEYS.items():
+            kinds = np.bincount(self.map_for(target)["kind"], minlength=len(Kind))
+            out[key] = {k.name: int(kinds[k]) for k in Kind}
+        return out
+
     # -- frames ----------------------------------------------------------------------------
 
     def read_frame(self, index: int) -> bytes:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import webob
+from oslo_log import log as logging
 
-from cloudlet_api import rpc
+from cloudlet.errors import CloudletError
+from cloudlet.overlay.reader import OverlayReader
+from cloudlet.sources.glance import GlanceSource
+from cloudlet_api import errors, rpc
+from cloudlet_api.clients import Glance
 from cloudlet_api.context import Request, json_response, no_content
 from cloudlet_api.handlers.bases import task_response
 from cloudlet_api.handlers.servers import start_on_host
@@ -17,6 +23,7 @@ from cloudlet_nova import glance as cloudlet_glance
 from cloudlet_nova.objects import CloudletCaptureRequest
 
 KIND = cloudlet_glance.Kind.OVERLAY
+LOG = logging.getLogger(__name__)
 
 
 def view(image: dict[str, Any], info: cloudlet_glance.CloudletImage) -> dict[str, Any]:
@@ -43,9 +50,34 @@ def list_overlays(req: Request) -> Any:
 
 
 def show_overlay(req: Request) -> Any:
+    """The overlay, with its chunks per image and kind (`chunks`, null if unreadable)."""
     req.authorize(policies.SHOW)
-    image, info = req.glance().cloudlet_image(req.params_in_path["id"], KIND, "overlay")
-    return json_response({"overlay": view(image, info)})
+    glance = req.glance()
+    image, info = glance.cloudlet_image(req.params_in_path["id"], KIND, "overlay")
+    return json_response({"overlay": {**view(image, info), "chunks": chunk_kinds(glance, image)}})
+
+
+def chunk_kinds(glance: Glance, image: dict[str, Any]) -> dict[str, dict[str, int]] | None:
+    """From the overlay's own chunk map, verified by the engine's reader against the digests of
+    its header and manifest: only the file's head is read from Glance, not its frames. None
+    (and a warning in the log) when the image is no readable overlay."""
+    overlay_id = image["id"]
+
+    def downloader(image_id: str, offset: int, length: int | None) -> Iterator[bytes]:
+        return glance.download(image_id, f"reading overlay {image_id}", offset)[1]
+
+    source = GlanceSource(f"glance://{overlay_id}", downloader, size=image.get("size"))
+    try:
+        with (
+            source.stream() as stream,
+            OverlayReader.open(stream, f"overlay {overlay_id}") as reader,
+        ):
+            return reader.chunk_kinds()
+    except (CloudletError, errors.APIError) as e:
+        LOG.warning("overlay %s: no chunk kinds: %s", overlay_id, getattr(e, "detail", e))
+        return None
+    finally:
+        source.close()
 
 
 def download_overlay(req: Request) -> Any:

@@ -41,6 +41,8 @@ class Overlay(resource.Resource):
     checksum = resource.Body("checksum")
     created_at = resource.Body("created_at")
     updated_at = resource.Body("updated_at")
+    # shown only (GET /overlays/{id}): image -> chunk kind -> count; None if unreadable
+    chunks = resource.Body("chunks", type=dict)
 
 
 class Task(resource.Resource):

@@ -27,10 +27,13 @@ def base(api: API, project: str, visibility: str = "private") -> tuple[str, str,
     return disk, memory, base_id
 
 
-def overlay(api: API, project: str, visibility: str = "private") -> str:
+def overlay(
+    api: API, project: str, visibility: str = "private", data: bytes = OVERLAY_DATA
+) -> str:
+    """An overlay image (by default its data is no overlay file: only the API reads it)."""
     disk, _, base_id = base(api, project, visibility)
     return api.env.cloud.add_image(
-        project, "app", cloudlet_glance.overlay_properties(base_id, disk), OVERLAY_DATA, visibility
+        project, "app", cloudlet_glance.overlay_properties(base_id, disk), data, visibility
     )
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from tests.api import objects
 from tests.api.conftest import API, MAX_JSON, MAX_PACKAGE_MIB, PROJECT_A, PROJECT_B
+from tests.unit.test_overlay_format import write_sample
 
 VERSION = "OpenStack-API-Version"
 
@@ -365,10 +366,24 @@ def test_synthesis_from_a_base_image_is_404(api: API) -> None:
     assert len(api.env.cloud.servers) == servers
 
 
+def test_overlay_show_counts_chunks_per_image_and_kind(api: API, tmp_path: Path) -> None:
+    path = tmp_path / "sample.overlay"
+    write_sample(path)  # every kind on both images
+    overlay = objects.overlay(api, PROJECT_A, data=path.read_bytes())
+    shown = api.call("reader", "GET", f"/overlays/{overlay}").json()["overlay"]
+    assert shown["chunks"] == {
+        "disk": {"ZERO": 1, "BASE_MEMORY": 1, "BASE_DISK": 1, "SELF": 1, "NEW": 2},
+        "memory": {"ZERO": 1, "BASE_MEMORY": 1, "BASE_DISK": 1, "SELF": 1, "NEW": 4},
+    }
+    listed = api.call("reader", "GET", "/overlays").json()["overlays"]
+    assert "chunks" not in [o for o in listed if o["id"] == overlay][0]  # show only: it reads
+
+
 def test_overlay_show_download_delete(api: API) -> None:
     overlay = objects.overlay(api, PROJECT_A)
     shown = api.call("reader", "GET", f"/overlays/{overlay}").json()["overlay"]
     assert shown["project_id"] == PROJECT_A and len(shown["base_id"]) == 64
+    assert shown["chunks"] is None  # its data is no overlay file: shown all the same
     resp = api.call("reader", "GET", f"/overlays/{overlay}/file")
     assert resp.content == objects.OVERLAY_DATA
     assert api.call("member", "DELETE", f"/overlays/{overlay}").status_code == 204

@@ -28,6 +28,7 @@ from tests.api import objects, standins
 from tests.api.conftest import API, PROJECT_A
 from tests.unit.test_basevm_package import rewrite
 from tests.unit.test_basevm_store import make_base_dir
+from tests.unit.test_overlay_format import write_sample
 
 OPENSTACK = Path(sys.executable).parent / "openstack"
 FLAVOR = {"id": "f1", "name": "m1.cloudlet", "ram": 512, "vcpus": 1, "disk": 1}
@@ -153,6 +154,17 @@ def test_cli_list_show_download(api: API, cloud: standins.Cloud, tmp_path: Path)
     assert out.read_bytes() == objects.OVERLAY_DATA
     yaml = cli(api, "reader", "overlay", "show", overlay, "-f", "yaml")
     assert f"name: {name}" in yaml.stdout
+
+
+def test_cli_overlay_show_by_name_has_the_chunk_kinds(api: API, tmp_path: Path) -> None:
+    write_sample(tmp_path / "sample.overlay")
+    overlay = objects.overlay(api, PROJECT_A, data=(tmp_path / "sample.overlay").read_bytes())
+    name = f"app-{uuid.uuid4().hex[:8]}"
+    api.env.cloud.images[overlay]["name"] = name
+    shown = cli(api, "reader", "overlay", "show", name, "-f", "json")
+    assert shown.returncode == 0, shown.stderr
+    chunks = json.loads(shown.stdout)["chunks"]
+    assert (chunks["disk"]["NEW"], chunks["memory"]["NEW"], chunks["memory"]["ZERO"]) == (2, 4, 1)
 
 
 def test_cli_import_wait_and_refusal(api: API, cloud: standins.Cloud, tmp_path: Path) -> None:

@@ -143,8 +143,7 @@ api_call() {  # TOKEN METHOD PATH [BODY] -> the HTTP status; the body in $E/api.
         -H 'Content-Type: application/json' ${4:+-d "$4"}
 }
 median_ms() {  # TOKEN PATH: median of 20 GETs, in ms (curl's total time)
-    local i
-    for i in $(seq 1 20); do
+    for _ in $(seq 1 20); do
         curl -s -o /dev/null -w '%{time_total}\n' "$API$2" -H "X-Auth-Token: $1"
     done | sort -n | sed -n 10,11p | awk '{s += $1} END {printf "%.1f", s / 2 * 1000}'
 }
@@ -308,6 +307,30 @@ refused_to_b "$OVERLAY"
 code=$(api_call "" GET /overlays)
 [ "$code" = 401 ] || die "cloudlet-api answered a request without a token with $code"
 step "B refused A's overlay and server; no token: 401"
+
+# -- 5b. Elijah's server action on Nova's endpoint (the cloudlet filter in nova-api's pipeline) --
+NOVA=http://127.0.0.1:8774/v2.1  # nova-api (tools/aio/services.sh)
+nova_action() {  # TOKEN SERVER BODY -> the HTTP status; the body in $E/nova.out
+    curl -s -o "$E/nova.out" -w '%{http_code}' -X POST "$NOVA/servers/$2/action" \
+        -H "X-Auth-Token: $1" -H 'Content-Type: application/json' -d "$3"
+}
+ACTION='{"cloudlet-overlay-finish": {"overlay-name": "app-nova", "after": "resume"}}'
+code=$(nova_action "$TOKEN_B" "$VM1" "$ACTION")
+[ "$code" = 404 ] || die "Nova answered B's overlay-finish of vm1 with $code: $(cat "$E/nova.out")"
+code=$(nova_action "$TOKEN_A" "$VM1" "$ACTION")
+[ "$code" = 202 ] || die "Nova answered A's overlay-finish of vm1 with $code: $(cat "$E/nova.out")"
+NOVA_TASK=$("$V/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["task"]["id"])' \
+    "$E/nova.out")
+deadline=$((SECONDS + 300))
+while STATE=$($O cloudlet task show "$NOVA_TASK" -f value -c state) && [ "$STATE" = running ] \
+        && [ $SECONDS -lt $deadline ]; do
+    sleep 2
+done
+[ "$STATE" = succeeded ] || die "the Nova action's task $NOVA_TASK is $STATE:" \
+    "$($O cloudlet task show "$NOVA_TASK" -f value -c error)"
+[ "$($O server show vm1 -f value -c status)" = ACTIVE ] || die "vm1 not ACTIVE after the action"
+$O cloudlet overlay delete app-nova
+step "Nova API: cloudlet-overlay-finish of vm1 (B: 404)"
 
 # -- 6. synthesis: a new server from the overlay -----------------------------------------------
 $O cloudlet synthesize app --flavor "$FLAVOR" --no-network --name app1 --wait -f json \

@@ -32,7 +32,7 @@ fi
 step "apt packages"
 [ -x "$V/python" ] || python3 -m venv "$AIO_VENV"
 "$V/pip" install -q --upgrade pip
-"$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "$AIO_REPO[nova,api,client]"
+"$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "${AIO_REPO}[nova,api,client]"
 step "pip install (venv $AIO_VENV)"
 installed=$(cd / && "$V/python" -c 'import cloudlet_nova, os
 print(os.path.dirname(os.path.dirname(cloudlet_nova.__file__)))')

@@ -1,4 +1,5 @@
 # Common settings of the all-in-one scripts (sourced). Everything lives under $AIO_DIR.
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
 AIO_DIR=${AIO_DIR:-/opt/cloudlet-aio}
 AIO_VENV=${AIO_VENV:-$AIO_DIR/venv}
 AIO_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # How each service of the all-in-one starts, stops and is checked (sourced by up.sh, down.sh,
 # restart.sh after lib.sh). Daemons run in their own session (setsid) with their pid in
 # $AIO_DIR/state/<name>.pid, so stopping one stops its whole process group and nothing else.
@@ -5,7 +6,9 @@ A=$AIO_DIR
 # the order up.sh starts them in (down.sh stops them in reverse)
 SERVICES=(postgres rabbitmq libvirtd keystone placement glance nova-api cloudlet-api
           neutron-standin nova-conductor nova-scheduler nova-compute)
+# shellcheck disable=SC2034  # PSQL, NM: for up.sh and restart.sh
 PSQL="$PG_BIN/psql -h 127.0.0.1 -U postgres -q"
+# shellcheck disable=SC2034
 NM="$V/nova-manage --config-file $A/etc/nova/nova.conf"
 
 service_alive() {  # NAME

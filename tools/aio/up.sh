@@ -36,7 +36,7 @@ NEW=false
 if $FRESH || [ ! -f "$STACK" ]; then
     NEW=true
     [ -d "$A/state" ] && { "$AIO_TOOLS/down.sh" >/dev/null 2>&1 || true; }
-    rm -rf "$A/pg" "$A/state" "$A/logs" "$A/etc"
+    rm -rf "$A/pg" "$A/state" "$A/logs" "${A:?}/etc"
     mkdir -p "$A/pg" "$A/state/nova/instances" "$A/state/nova/locks" "$A/logs" \
         "$A/state/glance/"{images,staging,tasks,locks} "$A/etc/"{keystone,glance,placement,nova} \
         "$A/etc/keystone/"{fernet-keys,credential-keys} "$A/import"
@@ -55,7 +55,9 @@ render glance-api.conf "$A/etc/glance/glance-api.conf"
 render nova.conf "$A/etc/nova/nova.conf"
 render nova-api.conf "$A/etc/nova/nova-api.conf"
 render cloudlet-api.conf "$A/etc/cloudlet/cloudlet-api.conf"
-cp "$AIO_VENV/etc/nova/api-paste.ini" "$A/etc/nova/"  # nova-api under uwsgi reads it from there
+# nova-api under uwsgi reads it from there: Nova's, with the cloudlet filter (Nova API actions)
+sed -f "$AIO_REPO/etc/nova-api-paste.sed" "$AIO_VENV/etc/nova/api-paste.ini" \
+    > "$A/etc/nova/api-paste.ini"
 
 ensure() {  # NAME: start it unless it runs
     service_alive "$1" && return 0

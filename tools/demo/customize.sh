@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Customisation run inside the test guest (busybox sh on its serial console) by
 # `cloudlet overlay create --script`. It changes the disk and leaves state that lives only in RAM.
 echo "hello from the cloudlet overlay" > /data/www/index.html

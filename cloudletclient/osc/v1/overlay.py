@@ -18,6 +18,7 @@ COLUMNS = (
     "project_id",
     "size",
     "checksum",
+    "chunks",
     "created_at",
     "updated_at",
 )
@@ -46,7 +47,11 @@ class ShowOverlay(command.ShowOne):
         return parser
 
     def take_action(self, args: Any) -> Any:
-        return common.show(self.app.client_manager.cloudlet.find_overlay(args.overlay), COLUMNS)
+        client = self.app.client_manager.cloudlet
+        overlay = client.find_overlay(args.overlay)
+        if overlay.chunks is None:  # found by name in the list, which leaves chunks out
+            overlay = client.get_overlay(overlay.id)
+        return common.show(overlay, COLUMNS)
 
 
 class DeleteOverlay(command.Command):
