@@ -23,7 +23,9 @@ class CloudletService(service_description.ServiceDescription):
 
 
 def register(conn: Any) -> Any:
-    """Attach `conn.cloudlet` to an openstack.connection.Connection (returns it)."""
-    if not hasattr(conn, SERVICE_TYPE):
-        conn.add_service(CloudletService(service_type=SERVICE_TYPE))
+    """Attach `conn.cloudlet` to an openstack.connection.Connection (returns it). Done for every
+    connection: add_service puts the attribute on the Connection class, but enables the service
+    only in this connection's config (a second connection that skipped it gets
+    ServiceDisabledException)."""
+    conn.add_service(CloudletService(service_type=SERVICE_TYPE))
     return conn
