@@ -4,6 +4,7 @@ A base VM is two Glance images; an overlay is a third (docs/nova.md has the tabl
 
     base disk     disk_format raw, the base's disk.raw; bootable by plain Nova too
                   cloudlet_type=base-disk  cloudlet_base_id=<id>  cloudlet_memory_image=<uuid>
+                  cloudlet_config=<JSON: what the base was saved with, shown to users>
     base memory   the memory bundle (below); never booted
                   cloudlet_type=base-memory  cloudlet_base_id=<id>  cloudlet_disk_image=<uuid>
     overlay       an overlay file (docs/overlay-format.md)
