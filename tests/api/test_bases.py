@@ -1,6 +1,7 @@
 """What `GET /bases` and `/bases/{id}` tell about a base: its disk and memory image sizes, the
 configuration its memory snapshot was saved with, and which compute hosts cache it (behind
-policy cloudlet:base:cache_hosts). Glance and Placement are the stand-ins of standins.py."""
+policy cloudlet:base:cache_hosts), through the API, the SDK and the CLI. Glance and Placement
+are the stand-ins of standins.py."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import openstack
+
 from cloudlet_nova.cache import base_trait
-from tests.api import objects
+from cloudletclient.sdk import register
+from tests.api import objects, standins
 from tests.api.conftest import API, PROJECT_A
+from tests.api.test_client import cli, credentials
 
 
 def _base(api: API, persona: str, disk: str) -> dict:
@@ -111,3 +116,46 @@ def test_another_projects_private_base_stays_hidden(api: API) -> None:
     listed = api.call("reader_b", "GET", "/bases").json()["bases"]
     assert disk not in [b["id"] for b in listed]
     assert base_id not in [b["base_id"] for b in listed]
+
+
+def test_sdk_and_cli_show_them(api: API) -> None:
+    """What the dashboard's Base VMs table shows, through the SDK and `openstack cloudlet`."""
+    cloud = api.env.cloud
+    cloud.cloudlet_url = api.url  # the catalog's cloudlet endpoint, for the client
+    try:
+        _sdk_and_cli_show_them(api, cloud)
+    finally:
+        cloud.cloudlet_url = ""
+
+
+def _sdk_and_cli_show_them(api: API, cloud: standins.Cloud) -> None:
+    disk, base_id = objects.real_base(api, PROJECT_A, seed=12)
+    cloud.add_provider("edge-7", {base_trait(base_id)})
+    memory = cloud.images[disk]["cloudlet_memory_image"]
+    recorded = json.loads(cloud.images[disk]["cloudlet_config"])
+    creds = credentials(api, "reader")
+    conn = register(
+        openstack.connect(
+            auth_url=creds["OS_AUTH_URL"],
+            username=creds["OS_USERNAME"],
+            password=creds["OS_PASSWORD"],
+            project_name=PROJECT_A,
+            user_domain_id="default",
+            project_domain_id="default",
+            region_name="RegionOne",
+        )
+    )
+    for base in (conn.cloudlet.get_base(disk), *[b for b in conn.cloudlet.bases() if b.id == disk]):
+        assert base.disk_size == Path(cloud.image_data[disk]).stat().st_size
+        assert base.memory_size == Path(cloud.image_data[memory]).stat().st_size
+        assert (base.configuration, base.cached_on) == (recorded, ["edge-7"])
+
+    shown = json.loads(cli(api, "reader", "base", "show", disk, "-f", "json").stdout)
+    assert (shown["configuration"], shown["cached_on"]) == (recorded, ["edge-7"])
+    assert shown["memory_size"] == Path(cloud.image_data[memory]).stat().st_size
+    listed = json.loads(cli(api, "reader", "base", "list", "-f", "json").stdout)
+    (row,) = [b for b in listed if b["id"] == disk]
+    assert (row["cached_on"], row["disk_size"]) == (["edge-7"], shown["disk_size"])
+    table = cli(api, "reader", "base", "show", disk, "-c", "configuration", "-c", "cached_on")
+    assert f"machine='{recorded['machine']}'" in table.stdout
+    assert "edge-7" in table.stdout

@@ -19,7 +19,6 @@ import pytest
 from cloudlet.basevm.package import export_base, import_base
 from cloudlet.basevm.store import BaseStore
 from cloudlet.home import CloudletHome
-from cloudlet_nova.cache import base_trait
 from cloudletclient.sdk import register
 from tests.api import objects, standins
 from tests.api.conftest import API, PROJECT_A
@@ -116,40 +115,6 @@ def test_cli_list_show_download(api: API, cloud: standins.Cloud, tmp_path: Path)
     assert out.read_bytes() == objects.OVERLAY_DATA
     yaml = cli(api, "reader", "overlay", "show", overlay, "-f", "yaml")
     assert f"name: {name}" in yaml.stdout
-
-
-def test_base_sizes_configuration_and_cache_hosts(api: API, cloud: standins.Cloud) -> None:
-    """What the dashboard's Base VMs table shows, through the SDK and the CLI."""
-    disk, base_id = objects.real_base(api, PROJECT_A, seed=12)
-    cloud.add_provider("edge-7", {base_trait(base_id)})
-    memory = cloud.images[disk]["cloudlet_memory_image"]
-    recorded = json.loads(cloud.images[disk]["cloudlet_config"])
-    creds = credentials(api, "reader")
-    conn = register(
-        openstack.connect(
-            auth_url=creds["OS_AUTH_URL"],
-            username=creds["OS_USERNAME"],
-            password=creds["OS_PASSWORD"],
-            project_name=PROJECT_A,
-            user_domain_id="default",
-            project_domain_id="default",
-            region_name="RegionOne",
-        )
-    )
-    for base in (conn.cloudlet.get_base(disk), *[b for b in conn.cloudlet.bases() if b.id == disk]):
-        assert base.disk_size == Path(cloud.image_data[disk]).stat().st_size
-        assert base.memory_size == Path(cloud.image_data[memory]).stat().st_size
-        assert (base.configuration, base.cached_on) == (recorded, ["edge-7"])
-
-    shown = json.loads(cli(api, "reader", "base", "show", disk, "-f", "json").stdout)
-    assert (shown["configuration"], shown["cached_on"]) == (recorded, ["edge-7"])
-    assert shown["memory_size"] == Path(cloud.image_data[memory]).stat().st_size
-    listed = json.loads(cli(api, "reader", "base", "list", "-f", "json").stdout)
-    (row,) = [b for b in listed if b["id"] == disk]
-    assert (row["cached_on"], row["disk_size"]) == (["edge-7"], shown["disk_size"])
-    table = cli(api, "reader", "base", "show", disk, "-c", "configuration", "-c", "cached_on")
-    assert f"machine='{recorded['machine']}'" in table.stdout
-    assert "edge-7" in table.stdout
 
 
 def test_cli_import_wait_and_refusal(api: API, cloud: standins.Cloud, tmp_path: Path) -> None:
