@@ -1,9 +1,11 @@
 """Glance and Nova, called with the caller's own token (the auth plugin keystonemiddleware put in
 the request), so their ownership rules apply to everything this service does for the caller.
 
-Endpoints come from the token's catalog, chosen by the [glance] / [nova] adapter options. The
-only call made with the service's own identity ([service_user]) is reading which compute host
-runs a server, after the caller's own GET of that server succeeded.
+Endpoints come from the token's catalog, chosen by the [glance] / [nova] / [placement] adapter
+options. The only calls made with the service's own identity ([service_user]) are reading which
+compute host runs a server, after the caller's own GET of that server succeeded, and reading
+from Placement which compute hosts cache a base the caller was shown (policy
+cloudlet:base:cache_hosts).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from cloudlet_nova import glance as cloudlet_glance
 LOG = logging.getLogger(__name__)
 
 NOVA_MICROVERSION = "2.37"  # networks "auto"/"none" in server create
+PLACEMENT_MICROVERSION = "1.18"  # GET /resource_providers?required=<trait>
 HOST_ATTR = "OS-EXT-SRV-ATTR:host"
 _CORE_IMAGE_KEYS = {
     "id",
@@ -102,15 +105,20 @@ class Clients:
         return Nova(self._adapter(api_conf.NOVA, user_auth))
 
     def service_nova(self) -> Nova:
+        return Nova(self._service_adapter(api_conf.NOVA))
+
+    def service_placement(self) -> Placement:
+        return Placement(self._service_adapter(api_conf.PLACEMENT))
+
+    def _service_adapter(self, group: str) -> Any:
+        """An adapter acting as [service_user] (one session, created on first use)."""
         if self._service_session is None:
             auth = ks_loading.load_auth_from_conf_options(self.conf, api_conf.SERVICE_USER)
             self._service_session = ks_loading.load_session_from_conf_options(
                 self.conf, api_conf.SERVICE_USER, auth=auth
             )
-        return Nova(
-            ks_loading.load_adapter_from_conf_options(
-                self.conf, api_conf.NOVA, session=self._service_session
-            )
+        return ks_loading.load_adapter_from_conf_options(
+            self.conf, group, session=self._service_session
         )
 
     def _adapter(self, group: str, user_auth: Any) -> Any:
@@ -247,3 +255,26 @@ class Nova(ServiceClient):
             json={"server": body},
             microversion=NOVA_MICROVERSION,
         ).json()["server"]
+
+
+class Placement(_Service):
+    name = "Placement"
+
+    def providers(self, required_trait: str | None = None) -> list[dict[str, Any]]:
+        """Every resource provider (only those with `required_trait`, if given)."""
+        params = {"required": required_trait} if required_trait else None
+        return self.request(
+            "GET",
+            "/resource_providers",
+            "listing resource providers",
+            params=params,
+            microversion=PLACEMENT_MICROVERSION,
+        ).json()["resource_providers"]
+
+    def traits(self, provider_uuid: str) -> list[str]:
+        return self.request(
+            "GET",
+            f"/resource_providers/{provider_uuid}/traits",
+            f"traits of resource provider {provider_uuid}",
+            microversion=PLACEMENT_MICROVERSION,
+        ).json()["traits"]

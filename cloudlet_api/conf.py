@@ -2,9 +2,10 @@
 
 `[api]` holds the service's own options; `[glance]` and `[nova]` select the endpoints it calls
 with the caller's token (keystoneauth adapter options: service type, interface, region,
-endpoint_override); `[service_user]` is the service's own identity, used only to read which
-compute host runs a server the caller has already been shown to own. `list_opts` is the
-`oslo.config.opts` entry point behind etc/cloudlet-api.conf.sample.
+endpoint_override), `[placement]` the one it reads with its own; `[service_user]` is the
+service's own identity, used only to read which compute host runs a server the caller has
+already been shown to own, and which compute hosts cache a base (Placement traits).
+`list_opts` is the `oslo.config.opts` entry point behind etc/cloudlet-api.conf.sample.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from oslo_config import cfg
 API = "api"
 GLANCE = "glance"
 NOVA = "nova"
+PLACEMENT = "placement"
 SERVICE_USER = "service_user"
 
 _MiB = 1 << 20
@@ -70,7 +72,7 @@ api_opts = [
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(api_opts, group=API)
-    for group, service_type in ((GLANCE, "image"), (NOVA, "compute")):
+    for group, service_type in ((GLANCE, "image"), (NOVA, "compute"), (PLACEMENT, "placement")):
         ks_loading.register_adapter_conf_options(conf, group)
         conf.set_default("service_type", service_type, group=group)
         conf.set_default("valid_interfaces", ["internal", "public"], group=group)
@@ -93,6 +95,7 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
         (API, api_opts),
         (GLANCE, _adapter_opts("image")),
         (NOVA, _adapter_opts("compute")),
+        (PLACEMENT, _adapter_opts("placement")),
         (
             SERVICE_USER,
             ks_loading.get_session_conf_options()

@@ -63,6 +63,14 @@ class Request(webob.Request):
             self.service.enforcer, rule, ctx, {"project_id": project_id or ctx.project_id}
         )
 
+    def allowed(self, rule: str) -> bool:
+        """Whether `rule` lets the caller see what it guards (a field left out otherwise)."""
+        try:
+            self.authorize(rule)
+        except errors.Forbidden:
+            return False
+        return True
+
     def glance(self) -> Glance:
         return self.service.clients.glance(self.user_auth)
 

@@ -315,6 +315,7 @@ def publish(
             "visibility": visibility,
             "min_ram": int(base.config.get("memory_mib", 0)),
             **cloudlet_glance.base_disk_properties(base.id, memory_id),
+            **cloudlet_glance.configuration_properties(base),
         }
         glance.create_image(meta)
         created.append(disk_id)

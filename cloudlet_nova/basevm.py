@@ -102,7 +102,10 @@ def publish_base(
         )  # fmt: skip
     try:
         progress.stage("upload disk image", mid + 0.1)
-        disk_properties = glance.base_disk_properties(base.id, memory_id, base.config.get("cpu"))
+        disk_properties = {
+            **glance.base_disk_properties(base.id, memory_id, base.config.get("cpu")),
+            **glance.configuration_properties(base),
+        }
         _, disk_hash = publisher.upload_verified(
             base.disk_path, name, disk_properties,
             image_id=disk_id, public=public, min_ram=min_ram,

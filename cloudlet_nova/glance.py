@@ -4,6 +4,7 @@ A base VM is two Glance images; an overlay is a third (docs/nova.md has the tabl
 
     base disk     disk_format raw, the base's disk.raw; bootable by plain Nova too
                   cloudlet_type=base-disk  cloudlet_base_id=<id>  cloudlet_memory_image=<uuid>
+                  cloudlet_config=<JSON: what the base was saved with, shown to users>
     base memory   the memory bundle (below); never booted
                   cloudlet_type=base-memory  cloudlet_base_id=<id>  cloudlet_disk_image=<uuid>
     overlay       an overlay file (docs/overlay-format.md)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
+import json
 import os
 import queue
 import tarfile
@@ -39,6 +41,7 @@ from oslo_log import log as logging
 from cloudlet.basevm.identity import is_base_id
 from cloudlet.basevm.store import CONFIG, INITRD, KERNEL, LAYOUT, MEMORY, BaseVM
 from cloudlet.hashing import READ_SIZE
+from cloudlet.memory.stream import MemoryLayout
 from cloudlet.sources.glance import GlanceSource
 from cloudlet_nova import errors, hardware
 
@@ -49,6 +52,8 @@ BASE_ID = "cloudlet_base_id"
 MEMORY_IMAGE = "cloudlet_memory_image"  # on a base disk: its memory image
 DISK_IMAGE = "cloudlet_disk_image"  # on a base memory image: its disk image
 BASE_DISK_IMAGE = "cloudlet_base_disk_image"  # on an overlay: the base disk image to fetch
+# on a base disk: what the base's memory snapshot needs of a host, as JSON (configuration())
+CONFIGURATION = "cloudlet_config"
 HASH_ALGO = "os_hash_algo"  # Glance's own digest of the image data (read-only to users)
 HASH_VALUE = "os_hash_value"
 
@@ -109,6 +114,33 @@ def base_disk_properties(
         TYPE: Kind.BASE_DISK.value, BASE_ID: base_id, MEMORY_IMAGE: memory_image_id,
         **hardware.image_properties(cpu),
     }  # fmt: skip
+
+
+def configuration_properties(base: BaseVM) -> dict[str, str]:
+    """The base's configuration for its disk image, so that users see it without downloading
+    the memory image: machine type, memory, vCPUs, CPU, devices and the QEMU that saved it."""
+    config = base.config
+    saved_by = MemoryLayout.from_bytes(base.memory_layout_path.read_bytes()).saved_by
+    summary = {
+        "machine": config.get("machine"),
+        "memory_mib": config.get("memory_mib"),
+        "vcpus": config.get("vcpus"),
+        "cpu": config.get("cpu"),
+        "devices": {k: config.get(k) for k in ("disk_bus", "nic_model", "balloon", "display")},
+        "qemu_version": saved_by,
+    }
+    return {CONFIGURATION: json.dumps(summary, separators=(",", ":"), sort_keys=True)}
+
+
+def configuration(image: dict[str, Any]) -> dict[str, Any] | None:
+    """What configuration_properties recorded on a base disk image (Glance v2 shape: properties
+    at the top level); None for bases published before it was recorded, or a value that is
+    not the JSON object it writes (a user may edit their image's properties)."""
+    try:
+        value = json.loads(image.get(CONFIGURATION) or "null")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def base_memory_properties(base_id: str, disk_image_id: str) -> dict[str, str]:

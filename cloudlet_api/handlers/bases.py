@@ -13,14 +13,23 @@ from cloudlet_api.policies import bases as policies
 from cloudlet_api.schemas import bases as schemas
 from cloudlet_api.tasks import CREATE_BASE
 from cloudlet_nova import glance as cloudlet_glance
+from cloudlet_nova.cache import base_trait
 from cloudlet_nova.objects import CloudletCreateBaseRequest
 
 KIND = cloudlet_glance.Kind.BASE_DISK
+MEMORY = cloudlet_glance.Kind.BASE_MEMORY
 PACKAGE = "application/octet-stream"
 
 
-def view(image: dict[str, Any], info: cloudlet_glance.CloudletImage) -> dict[str, Any]:
-    return {
+def view(
+    image: dict[str, Any],
+    info: cloudlet_glance.CloudletImage,
+    memory: dict[str, Any] | None,
+    cached_on: dict[str, list[str]] | None,
+) -> dict[str, Any]:
+    """`memory`: the base's memory image (None when the caller cannot read it); `cached_on`:
+    the hosts caching each base id, None when policy hides them (the field is left out)."""
+    body = {
         "id": image["id"],
         "name": image.get("name"),
         "base_id": info.base_id,
@@ -29,10 +38,50 @@ def view(image: dict[str, Any], info: cloudlet_glance.CloudletImage) -> dict[str
         "visibility": image.get("visibility"),
         "project_id": image.get("owner"),
         "size": image.get("size"),
+        "disk_size": image.get("size"),
+        "memory_size": memory.get("size") if memory is not None else None,
         "min_ram": image.get("min_ram"),
+        "configuration": cloudlet_glance.configuration(image),
         "created_at": image.get("created_at"),
         "updated_at": image.get("updated_at"),
     }
+    if cached_on is not None:
+        body["cached_on"] = cached_on.get(info.base_id, [])
+    return body
+
+
+def memory_image(
+    info: cloudlet_glance.CloudletImage,
+    candidate: tuple[dict[str, Any], cloudlet_glance.CloudletImage] | None,
+) -> dict[str, Any] | None:
+    """The memory image the base disk names, if it is one of the same base (as the driver's
+    GlanceImages.base_images requires before resuming it)."""
+    if candidate is None or candidate[1].base_id != info.base_id:
+        return None
+    return candidate[0]
+
+
+def cached_on(req: Request, base_ids: list[str]) -> dict[str, list[str]] | None:
+    """Base id -> names of the compute hosts whose resource provider carries its trait (read
+    with the service's identity), or None when policy hides host names. One base (show) is one
+    Placement query; a list reads every provider's traits once (1 + number of providers
+    queries, however many bases), as Placement lists no traits with its providers."""
+    if not req.allowed(policies.CACHE_HOSTS):
+        return None
+    if not base_ids:
+        return {}
+    placement = req.service.clients.service_placement()
+    hosts: dict[str, set[str]] = {}
+    if len(base_ids) == 1:
+        providers = placement.providers(base_trait(base_ids[0]))
+        hosts[base_ids[0]] = {p["name"] for p in providers}
+    else:
+        wanted = {base_trait(base_id): base_id for base_id in base_ids}
+        for provider in placement.providers():
+            for trait in placement.traits(provider["uuid"]):
+                if trait in wanted:
+                    hosts.setdefault(wanted[trait], set()).add(provider["name"])
+    return {base_id: sorted(names) for base_id, names in hosts.items()}
 
 
 def task_response(req: Request, task: Any) -> Any:
@@ -46,14 +95,30 @@ def task_response(req: Request, task: Any) -> Any:
 def list_bases(req: Request) -> Any:
     req.authorize(policies.LIST)
     query = req.query(schemas.LIST_QUERY)
-    found = req.glance().cloudlet_images(KIND, query.get("base_id"))
-    return json_response({"bases": [view(image, info) for image, info in found]})
+    glance = req.glance()
+    found = glance.cloudlet_images(KIND, query.get("base_id"))
+    memories = {
+        found_info.image_id: (found_image, found_info)
+        for found_image, found_info in glance.cloudlet_images(MEMORY, query.get("base_id"))
+    }
+    hosts = cached_on(req, sorted({info.base_id for _, info in found}))
+    bases = [
+        view(image, info, memory_image(info, memories.get(str(info.memory_image))), hosts)
+        for image, info in found
+    ]
+    return json_response({"bases": bases})
 
 
 def show_base(req: Request) -> Any:
     req.authorize(policies.SHOW)
-    image, info = req.glance().cloudlet_image(req.params_in_path["id"], KIND, "base")
-    return json_response({"base": view(image, info)})
+    glance = req.glance()
+    image, info = glance.cloudlet_image(req.params_in_path["id"], KIND, "base")
+    try:
+        memory = glance.cloudlet_image(str(info.memory_image), MEMORY, "memory image")
+    except errors.NotFound:
+        memory = None  # deleted, or not readable by the caller: its size is unknown
+    hosts = cached_on(req, [info.base_id])
+    return json_response({"base": view(image, info, memory_image(info, memory), hosts)})
 
 
 def delete_base(req: Request) -> Any:

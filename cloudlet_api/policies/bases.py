@@ -9,6 +9,7 @@ IMPORT = PREFIX % "import"
 CREATE = PREFIX % "create"
 DELETE = PREFIX % "delete"
 EXPORT = PREFIX % "export"
+CACHE_HOSTS = PREFIX % "cache_hosts"
 
 _rules = [
     policy.DocumentedRuleDefault(
@@ -24,6 +25,20 @@ _rules = [
         scope_types=base.SCOPE,
         description="Show one base VM.",
         operations=[{"method": "GET", "path": "/bases/{base_id}"}],
+    ),
+    policy.DocumentedRuleDefault(
+        name=CACHE_HOSTS,
+        check_str=base.ADMIN_OR_PROJECT_READER,
+        scope_types=base.SCOPE,
+        description="See which compute hosts hold a base VM in their cache (the `cached_on` "
+        "field of a base; absent without this rule). Host names are operator information: "
+        "edge users pick the cloudlet that already caches their base, so project readers may "
+        "by default; an operator who keeps host names private restricts this rule (e.g. to "
+        "role:admin).",
+        operations=[
+            {"method": "GET", "path": "/bases"},
+            {"method": "GET", "path": "/bases/{base_id}"},
+        ],
     ),
     policy.DocumentedRuleDefault(
         name=EXPORT,

@@ -104,6 +104,11 @@ class BaseTest(CaptureTestBase):
         new_base = self.driver.cache.get(task.base_id)
         self.assertIn(b"state worth keeping", new_base.memory_path.read_bytes())
         self.assertEqual(cf.MEMORY_MIB, new_base.config["memory_mib"])
+        # the disk image tells users what the base was saved with (cloudlet-api's configuration)
+        recorded = glance.configuration(self.glance.show(None, task.images["disk"])["properties"])
+        self.assertEqual({k: new_base.config[k] for k in ("machine", "memory_mib", "vcpus", "cpu")},
+                         {k: recorded[k] for k in ("machine", "memory_mib", "vcpus", "cpu")})
+        self.assertEqual(new_base.config["nic_model"], recorded["devices"]["nic_model"])
         server = self.api.get_server(server["id"])
         self.assertEqual(("ACTIVE", None), (server["status"], server["OS-EXT-STS:task_state"]))
         self.assertTrue(self.domain_running(server))

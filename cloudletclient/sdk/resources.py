@@ -19,7 +19,14 @@ class Base(resource.Resource):
     visibility = resource.Body("visibility")
     project_id = resource.Body("project_id")
     size = resource.Body("size", type=int)
+    disk_size = resource.Body("disk_size", type=int)
+    memory_size = resource.Body("memory_size", type=int)  # None: memory image not readable
     min_ram = resource.Body("min_ram", type=int)
+    # machine, memory_mib, vcpus, cpu, devices, qemu_version; None for bases published
+    # before it was recorded
+    configuration = resource.Body("configuration", type=dict)
+    # compute hosts caching the base; None when policy cloudlet:base:cache_hosts hides them
+    cached_on = resource.Body("cached_on", type=list)
     created_at = resource.Body("created_at")
     updated_at = resource.Body("updated_at")
 

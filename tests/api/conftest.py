@@ -1,6 +1,7 @@
 """cloudlet-api over real HTTP (wsgiref on 127.0.0.1) with keystonemiddleware's auth_token and
-policy enforced, in front of the stand-ins of standins.py (Keystone, Glance, Nova and a compute
-host's RPC endpoint cannot run inside the suite; the all-in-one proves the real ones)."""
+policy enforced, in front of the stand-ins of standins.py (Keystone, Glance, Nova, Placement and
+a compute host's RPC endpoint cannot run inside the suite; the all-in-one proves the real
+ones)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def env() -> Iterator[Env]:
     glance = standins.Glance(cloud)
     nova = standins.Nova(cloud)
     neutron = standins.Neutron(cloud)
+    placement = standins.Placement(cloud)
     tokens = {}
     for project, suffix in ((PROJECT_A, ""), (PROJECT_B, "_b")):
         for role in ("reader", "member", "manager", "admin"):
@@ -42,7 +44,7 @@ def env() -> Iterator[Env]:
         # a user on the project with a role no rule accepts
         tokens["outsider" + suffix] = cloud.identity(f"out{suffix}", project, "observer").token
     yield Env(cloud, keystone, tokens)
-    for server in (keystone.server, glance.server, nova.server, neutron.server):
+    for server in (keystone.server, glance.server, nova.server, neutron.server, placement.server):
         server.stop()
 
 

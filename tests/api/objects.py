@@ -16,7 +16,8 @@ OVERLAY_DATA = b"overlay bytes " * 1000
 
 
 def base(api: API, project: str, visibility: str = "private") -> tuple[str, str, str]:
-    """(disk image id, memory image id, base id) of a base VM owned by `project`."""
+    """(disk image id, memory image id, base id) of a base VM owned by `project` (images as
+    published before the base's configuration was recorded on them)."""
     cloud = api.env.cloud
     base_id = secrets.token_hex(32)
     memory = cloud.add_image(project, "web-memory", {}, b"bundle", visibility)
@@ -83,7 +84,10 @@ def real_base(api: API, project: str, seed: int = 5) -> tuple[str, str]:
         disk = cloud.add_image(
             project,
             "web",
-            cloudlet_glance.base_disk_properties(base.id, memory),
+            {
+                **cloudlet_glance.base_disk_properties(base.id, memory),
+                **cloudlet_glance.configuration_properties(base),
+            },
             base.disk_path.read_bytes(),
         )
         cloud.images[memory].update(cloudlet_glance.base_memory_properties(base.id, disk))

@@ -1,4 +1,5 @@
-"""Stand-ins for Keystone, Glance, Nova, Neutron and a compute host's cloudlet RPC endpoint.
+"""Stand-ins for Keystone, Glance, Nova, Neutron, Placement and a compute host's cloudlet RPC
+endpoint.
 
 These services cannot run inside the test suite (they need databases, a message bus and system
 daemons; the all-in-one in tools/aio proves the real ones). These answer at their HTTP boundary
@@ -6,8 +7,9 @@ only, with the behaviour cloudlet-api and its client rely on: Keystone issues to
 logins) and validates them for keystonemiddleware (roles expanded as Keystone's implied roles
 do); Glance hides another project's private images (404) and refuses to let a non-owner change
 one (403); Nova hides other projects' servers and shows the compute host only to admins; Neutron
-finds networks by name. The compute host's RPC endpoint runs on oslo.messaging's in-process fake
-transport and records what it was sent.
+finds networks by name; Placement lists resource providers (filtered by a required trait) and
+their traits, to admins and services only, as its default policy does. The compute host's RPC
+endpoint runs on oslo.messaging's in-process fake transport and records what it was sent.
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ class Cloud:
     cloudlet_url: str = ""  # the catalog's cloudlet endpoint (the API under test)
     flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
     networks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    placement_url: str = ""
+    # resource provider uuid -> {"name": compute host, "traits": set of trait names}
+    providers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    placement_requests: int = 0  # how many requests Placement answered
 
     def identity(self, user: str, project_id: str, role: str) -> Identity:
         """A token for `user` with `role` (plus what it implies) on `project_id`."""
@@ -141,6 +147,12 @@ class Cloud:
         }
         return image_id
 
+    def add_provider(self, host: str, traits: set[str]) -> str:
+        """A compute host's resource provider carrying `traits` (as its nova-compute reports)."""
+        provider = str(uuid.uuid4())
+        self.providers[provider] = {"name": host, "traits": set(traits)}
+        return provider
+
     def add_server(
         self, project_id: str, name: str, host: str = "host1", status: str = "ACTIVE"
     ) -> str:
@@ -181,6 +193,8 @@ class Keystone:
             "compute": self.cloud.nova_url,
             "network": self.cloud.neutron_url,
         }
+        if self.cloud.placement_url:
+            endpoints["placement"] = self.cloud.placement_url
         if self.cloud.cloudlet_url:
             endpoints["cloudlet"] = self.cloud.cloudlet_url
         return {
@@ -461,6 +475,42 @@ class Neutron:
         query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         found = [n for n in self.cloud.networks.values() if query.get("name") in (None, n["name"])]
         return _json(start, "200 OK", {"networks": found})
+
+
+class Placement:
+    """Resource providers: list (`required=<trait>` from microversion 1.18) and their traits."""
+
+    def __init__(self, cloud: Cloud) -> None:
+        self.cloud = cloud
+        self.server = HTTPServer(self)
+        cloud.placement_url = self.server.url
+
+    def __call__(self, environ: dict, start: Callable) -> Iterable[bytes]:
+        ident = self.cloud.caller(environ)
+        if ident is None:
+            return _json(start, "401 Unauthorized", {"errors": [{"detail": "no token"}]})
+        if not {"admin", "service"} & set(ident.roles):
+            return _json(start, "403 Forbidden", {"errors": [{"detail": "admin or service"}]})
+        self.cloud.placement_requests += 1
+        parts = environ["PATH_INFO"].strip("/").split("/")
+        providers = self.cloud.providers
+        if parts == ["resource_providers"]:
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            required = query.get("required", [])
+            version = environ.get("HTTP_OPENSTACK_API_VERSION", "")
+            if required and version != "placement 1.18":
+                return _json(start, "400 Bad Request", {"errors": [{"detail": version}]})
+            found = [
+                {"uuid": rp, "name": p["name"]}
+                for rp, p in providers.items()
+                if all(trait in p["traits"] for trait in required)
+            ]
+            return _json(start, "200 OK", {"resource_providers": found})
+        if len(parts) == 3 and parts[0] == "resource_providers" and parts[2] == "traits":
+            if parts[1] not in providers:
+                return _json(start, "404 Not Found", {"errors": [{"detail": "no provider"}]})
+            return _json(start, "200 OK", {"traits": sorted(providers[parts[1]]["traits"])})
+        return _json(start, "404 Not Found", {"errors": [{"detail": "no such path"}]})
 
 
 def nova_compute_transport() -> Any:

@@ -15,6 +15,7 @@ import pytest
 from cloudlet.basevm.package import export_base, import_base
 from cloudlet.basevm.store import BaseStore
 from cloudlet.home import CloudletHome
+from cloudlet.memory.stream import MemoryLayout
 from cloudlet_nova import glance as cloudlet_glance
 from tests.api.conftest import API, PROJECT_A
 from tests.rangeserver import RangeServer
@@ -90,6 +91,16 @@ def test_upload_is_verified_then_published_as_linked_images(
     assert "kernel" in names
     listed = api.call("reader", "GET", f"/bases?base_id={base.id}").json()["bases"]
     assert [b["id"] for b in listed] == [disk]
+    # what the base was saved with, recorded at publication (the memory image stays unread)
+    configuration = listed[0]["configuration"]
+    assert {k: configuration[k] for k in ("machine", "memory_mib", "vcpus", "cpu")} == {
+        k: base.config[k] for k in ("machine", "memory_mib", "vcpus", "cpu")
+    }
+    assert (
+        configuration["qemu_version"]
+        == MemoryLayout.from_bytes(base.memory_layout_path.read_bytes()).saved_by
+    )
+    assert listed[0]["memory_size"] == cloud.image_data[memory].stat().st_size
     assert_nothing_spooled(api)
 
     # the same package again: Glance already has the base, nothing is uploaded twice

@@ -21,6 +21,8 @@ class Case:
     denied: str
     request: Callable[[API], tuple[str, str, dict[str, Any]]]  # fresh objects per call
     status: int
+    # a rule that guards a field, not an operation: without it the field is left out
+    hides: str | None = None
 
 
 def _get(path: str) -> Callable[[API], tuple[str, str, dict[str, Any]]]:
@@ -31,6 +33,13 @@ CASES: dict[str, Case] = {
     "cloudlet:base:list": Case("reader", "outsider", _get("/bases"), 200),
     "cloudlet:base:show": Case(
         "reader", "outsider", lambda a: ("GET", f"/bases/{objects.base(a, PROJECT_A)[0]}", {}), 200
+    ),
+    "cloudlet:base:cache_hosts": Case(
+        "reader",
+        "outsider",
+        lambda a: ("GET", f"/bases/{objects.base(a, PROJECT_A)[0]}", {}),
+        200,
+        hides="cached_on",
     ),
     "cloudlet:base:export": Case(
         "reader",
@@ -140,9 +149,26 @@ def test_allowed_persona_succeeds(api: API, rule: str) -> None:
     method, path, kw = case.request(api)
     resp = api.call(case.allowed, method, path, **kw)
     assert resp.status_code == case.status, resp.text
+    if case.hides:
+        assert case.hides in resp.json()["base"], resp.text
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", [r for r in RULES if CASES[r].hides])
+def test_denied_persona_does_not_see_the_field(
+    api_factory: Callable[..., API], tmp_path, rule: str
+) -> None:
+    """The operation opened to everyone by the policy file, so only the field's rule decides."""
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text('"cloudlet:base:show": "@"\n')
+    api = api_factory(policy_file=policy_file)
+    case = CASES[rule]
+    method, path, kw = case.request(api)
+    resp = api.call(case.denied, method, path, **kw)
+    assert resp.status_code == case.status, resp.text
+    assert case.hides not in resp.json()["base"]
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if not CASES[r].hides])
 def test_denied_persona_gets_403(api: API, rule: str) -> None:
     case = CASES[rule]
     method, path, kw = case.request(api)

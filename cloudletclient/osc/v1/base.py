@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from osc_lib.cli import format_columns
 from osc_lib.command import command
 
 from cloudletclient.osc.v1 import common
@@ -18,11 +19,27 @@ COLUMNS = (
     "visibility",
     "project_id",
     "size",
+    "disk_size",
+    "memory_size",
     "min_ram",
+    "configuration",
+    "cached_on",
     "created_at",
     "updated_at",
 )
-LIST_COLUMNS = ("id", "name", "base_id", "status", "visibility", "size")
+LIST_COLUMNS = (
+    "id",
+    "name",
+    "base_id",
+    "status",
+    "visibility",
+    "disk_size",
+    "memory_size",
+    "cached_on",
+    "created_at",
+)
+# a table shows these as key='value' pairs and comma-separated names; -f json keeps them whole
+FORMATTERS = {"configuration": format_columns.DictColumn, "cached_on": format_columns.ListColumn}
 
 
 class ListBase(command.Lister):
@@ -35,7 +52,8 @@ class ListBase(command.Lister):
 
     def take_action(self, args: Any) -> Any:
         query = {"base_id": args.base_id} if args.base_id else {}
-        return common.rows(self.app.client_manager.cloudlet.bases(**query), LIST_COLUMNS)
+        bases = self.app.client_manager.cloudlet.bases(**query)
+        return common.rows(bases, LIST_COLUMNS, FORMATTERS)
 
 
 class ShowBase(command.ShowOne):
@@ -47,7 +65,8 @@ class ShowBase(command.ShowOne):
         return parser
 
     def take_action(self, args: Any) -> Any:
-        return common.show(self.app.client_manager.cloudlet.find_base(args.base), COLUMNS)
+        base = self.app.client_manager.cloudlet.find_base(args.base)
+        return common.show(base, COLUMNS, FORMATTERS)
 
 
 class DeleteBase(command.Command):

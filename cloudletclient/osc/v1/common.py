@@ -27,12 +27,27 @@ TASK_COLUMNS = (
 )
 
 
-def show(resource: Any, columns: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-    return columns, tuple(getattr(resource, c) for c in columns)
+def show(
+    resource: Any, columns: tuple[str, ...], formatters: dict[str, Any] | None = None
+) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    return columns, _values(resource, columns, formatters or {})
 
 
-def rows(resources: Any, columns: tuple[str, ...]) -> tuple[tuple[str, ...], list[tuple]]:
-    return columns, [tuple(getattr(r, c) for c in columns) for r in resources]
+def rows(
+    resources: Any, columns: tuple[str, ...], formatters: dict[str, Any] | None = None
+) -> tuple[tuple[str, ...], list[tuple]]:
+    return columns, [_values(r, columns, formatters or {}) for r in resources]
+
+
+def _values(resource: Any, columns: tuple[str, ...], formatters: dict[str, Any]) -> tuple:
+    """The columns' values; those with a formatter (an osc-lib FormattableColumn) wrapped in it,
+    unless absent (None stays None)."""
+    values = []
+    for column in columns:
+        value = getattr(resource, column)
+        formatter = formatters.get(column)
+        values.append(formatter(value) if formatter is not None and value is not None else value)
+    return tuple(values)
 
 
 class ProgressLine:
