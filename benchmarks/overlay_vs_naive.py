@@ -90,10 +90,13 @@ def unzstd(src: Path, dest: Path) -> float:
 
 
 def wait_http(port: int, expect: str, timeout: float = 120) -> str:
+    """The guest's first answer containing `expect`. A request the guest accepted is given up
+    to 30 s: a first answer can take seconds (nginx + Python under TCG, pages faulted in), and
+    a request abandoned for a new one would start that work over."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            body = http_get(port, timeout=1)
+            body = http_get(port, timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             if expect in body:
                 return body
         except Exception:  # noqa: BLE001 - any failure means "not yet"; bounded by the deadline
