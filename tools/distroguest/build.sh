@@ -97,7 +97,8 @@ fi
 
 STARTED=$(date +%s)
 WORK="$(mktemp -d "$CACHEDIR/.work.XXXXXX")"
-trap '$SUDO rm -rf "$WORK"' EXIT
+# --one-file-system: a build killed inside mmdebstrap may leave its /proc, /sys mounted there
+trap '$SUDO rm -rf --one-file-system "$WORK"' EXIT
 ROOT="$WORK/root"
 
 ssh-keygen -q -t ed25519 -N "" -C "cloudlet distribution guest" -f "$WORK/id_ed25519"
@@ -137,7 +138,7 @@ truncate -s "${DISK_GIB}G" "$WORK/disk.raw"
 $SUDO mke2fs -q -t ext4 -b 4096 -L cloudlet-root -E lazy_itable_init=0,lazy_journal_init=0 \
     -d "$ROOT" "$WORK/disk.raw"
 $SUDO chown "$(id -u):$(id -g)" "$WORK/disk.raw"
-$SUDO rm -rf "$ROOT"
+$SUDO rm -rf --one-file-system "$ROOT"
 
 SECONDS_TAKEN=$(($(date +%s) - STARTED))
 DISK_MB=$(du -sm "$WORK/disk.raw" | cut -f1)
