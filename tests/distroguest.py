@@ -32,12 +32,15 @@ def cache_dir() -> Path:
 
 def build(timeout: float = 1800) -> Path:
     """Build the guest if its recipe changed (a few seconds when cached); its directory."""
-    done = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), str(cache_dir())],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    try:
+        done = subprocess.run(
+            ["bash", str(BUILD_SCRIPT), str(cache_dir())],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{BUILD_SCRIPT} took more than {timeout:.0f} s") from exc
     if done.returncode != 0:
         raise RuntimeError(f"{BUILD_SCRIPT} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return Path(done.stdout.strip().splitlines()[-1])
