@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overlay_vs_naive import WORKLOADS, capture, guest_base  # noqa: E402
+from overlay_vs_naive import WORKLOADS, capture, guest_base, guest_of  # noqa: E402
 
 from cloudlet.chunks import CHUNK_SIZE, Kind, Target  # noqa: E402
 from cloudlet.codecs import get_codec  # noqa: E402
@@ -46,12 +46,12 @@ def framed_size(records: list[bytes]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="app")
+    ap.add_argument("--workload", choices=WORKLOADS, default="app")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cloudlet-delta-"))
     try:
-        _, base = guest_base(work)
-        stream, disk = capture(base, WORKLOADS[args.workload], work)
+        _, base = guest_base(work, guest=guest_of(args.workload))
+        stream, disk = capture(base, args.workload, work)
         memory = work / "memory.img"
         with open(stream, "rb") as src:
             layout = parse_stream(src, memory)

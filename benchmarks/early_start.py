@@ -13,6 +13,7 @@ Methods, all from the SAME captured VM per workload:
              the trace recorded by one unmeasured early-start synthesis)
 
     .venv/bin/python benchmarks/early_start.py [--workload app --workload demo] [--repeats 3]
+        [--workload notes: the distribution guest, see overlay_vs_naive.py]
         [--link wifi:38:20 --link lan:1000:1] [--quick] [--json out.json]
 
 Needs root (namespaces), nginx, QEMU. Every run is a child process inside the client namespace;
@@ -54,7 +55,7 @@ from cloudlet.synthesis import (
 from cloudlet.vm import HostOptions
 
 METHODS = ("naive", "pipelined", "early", "ordered")
-EXPECT = {"app": "app ready", "demo": "hello from the cloudlet overlay"}
+EXPECT = ovn.EXPECT
 RUN_TIMEOUT = 900
 
 
@@ -192,7 +193,7 @@ class Workload:
         self.name, self.home, self.base = name, home, base
         wdir = work / name
         wdir.mkdir()
-        stream, disk = ovn.capture(base, ovn.WORKLOADS[name], wdir)
+        stream, disk = ovn.capture(base, name, wdir)
         self.dir = serve / name
         self.dir.mkdir()
         for src, dest in ((disk, "disk.qcow2"), (stream, "memory.stream")):
@@ -331,7 +332,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_ours":
         return phase_ours(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", action="append", choices=sorted(ovn.WORKLOADS))
+    ap.add_argument("--workload", action="append", choices=ovn.WORKLOADS)
     ap.add_argument(
         "--link",
         action="append",
@@ -364,10 +365,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cloudlet-early-"))
     started = time.monotonic()
     try:
-        home, base = ovn.guest_base(work, init_on_free=not args.no_init_on_free)
+        bases = {
+            guest: ovn.guest_base(work, init_on_free=not args.no_init_on_free, guest=guest)
+            for guest in sorted({ovn.guest_of(w) for w in workloads})
+        }
         serve = work / "serve"
         serve.mkdir()
-        loads = [Workload(w, home, base, work, serve) for w in workloads]
+        loads = [Workload(w, *bases[ovn.guest_of(w)], work, serve) for w in workloads]
         report = {
             "repeats": repeats,
             "methods": methods,

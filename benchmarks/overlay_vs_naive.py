@@ -5,8 +5,12 @@ plus its full memory snapshot (QEMU migration stream), both compressed with zstd
 decompress them and restore. Both sides start from the SAME captured VM (one customisation, one
 memory save), so the ratios compare methods, not runs. Real QEMU guests (TCG), real files.
 
-    .venv/bin/python benchmarks/overlay_vs_naive.py [--workload app|demo] [--codec zstd|xz]
+    .venv/bin/python benchmarks/overlay_vs_naive.py [--workload app|demo|notes] [--codec zstd|xz]
                                                      [--no-init-on-free] [--json FILE]
+
+`app` and `demo` customise the busybox test guest; `notes` the distribution guest
+(tools/distroguest: Debian with systemd, 1 GiB RAM, 3 GiB disk), installing nginx and a Python
+application over sqlite from .deb files over ssh (tests/distroguest.py).
 
 Peak RSS of our create and synthesize is measured in child processes (QEMU excluded).
 """
@@ -40,8 +44,10 @@ from cloudlet.overlay.create import (  # noqa: E402
 from cloudlet.stats import Stats  # noqa: E402
 from cloudlet.synthesis import QemuRunner, SynthesisSpec, synthesize  # noqa: E402
 from cloudlet.vm import HostOptions  # noqa: E402
+from tests.distroguest import NOTES, DistroGuest, NotesCustomisation, build  # noqa: E402
 
-WORKLOADS = {
+# the busybox test guest's workloads: shell scripts run on its serial console
+SCRIPTS = {
     # what tools/demo.sh does: a page on disk, a RAM-only web server, 1 MiB of random data
     "demo": (REPO / "tools" / "demo" / "customize.sh").read_text(),
     # an "installed application": binaries (duplicated on disk and in RAM), a compressible log,
@@ -56,6 +62,9 @@ echo "app ready" > /data/www/index.html
 sync
 """,
 }
+# the distribution guest's: the notes application installed from .debs over ssh
+WORKLOADS = (*SCRIPTS, "notes")
+EXPECT = {"app": "app ready", "demo": "hello from the cloudlet overlay", "notes": NOTES[0]}
 GUEST = Path(os.environ.get("CLOUDLET_GUEST_DIR", Path.home() / ".cache/cloudlet/testguest"))
 
 
@@ -81,10 +90,13 @@ def unzstd(src: Path, dest: Path) -> float:
 
 
 def wait_http(port: int, expect: str, timeout: float = 120) -> str:
+    """The guest's first answer containing `expect`. A request the guest accepted is given up
+    to 30 s: a first answer can take seconds (nginx + Python under TCG, pages faulted in), and
+    a request abandoned for a new one would start that work over."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            body = http_get(port, timeout=1)
+            body = http_get(port, timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             if expect in body:
                 return body
         except Exception:  # noqa: BLE001 - any failure means "not yet"; bounded by the deadline
@@ -150,13 +162,20 @@ def phase_synth(home: str, overlay: str, expect: str) -> None:
     )
 
 
+def guest_of(workload: str) -> str:
+    return "distro" if workload == "notes" else "testguest"
+
+
 def capture(base: BaseVM, workload: str, work: Path) -> tuple[Path, Path]:
     """Resume the base, customise, save memory; return (memory stream, qcow2 diff disk)."""
     run = work / "capture"
     run.mkdir()
-    return capture_customised(
-        base, run, Customisation(script=workload, timeout=600), HostOptions(), Stats()
-    )
+    if workload == "notes":
+        notes = NotesCustomisation(DistroGuest.load(build()), free_port(), free_port())
+        custom, host = Customisation(wait_for_user=notes, timeout=600), notes.host()
+    else:
+        custom, host = Customisation(script=SCRIPTS[workload], timeout=600), HostOptions()
+    return capture_customised(base, run, custom, host, Stats())
 
 
 def naive_synth(
@@ -197,8 +216,15 @@ def guest_base(
     disk_mib: int | None = None,
     init_on_free: bool = True,
     balloon: bool = True,
+    guest: str = "testguest",
 ) -> tuple[CloudletHome, BaseVM]:
-    """A cloudlet home under `work` holding a base VM made from the test guest."""
+    """A cloudlet home under `work` holding a base VM made from the test guest, or from the
+    distribution guest (which has its own size and no init_on_free)."""
+    if guest == "distro":
+        if memory_mib or disk_mib or not balloon:
+            raise SystemExit("--memory-mib, --disk-mib and --no-balloon are the test guest's")
+        home = CloudletHome(work / "home-distro")
+        return home, DistroGuest.load(build()).create_base(home, "bench")
     subprocess.run(
         ["bash", str(REPO / "tools/testguest/build.sh"), str(GUEST)],
         check=True,
@@ -239,7 +265,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_synth":
         return phase_synth(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="app")
+    ap.add_argument("--workload", choices=WORKLOADS, default="app")
     ap.add_argument("--codec", default="zstd")
     ap.add_argument(
         "--no-init-on-free",
@@ -256,7 +282,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    expect = "app ready" if args.workload == "app" else "hello from the cloudlet overlay"
+    expect = EXPECT[args.workload]
     work = Path(tempfile.mkdtemp(prefix="cloudlet-bench-"))
     try:
         home, base = guest_base(
@@ -265,8 +291,9 @@ def main() -> None:
             args.disk_mib,
             init_on_free=not args.no_init_on_free,
             balloon=not args.no_balloon,
+            guest=guest_of(args.workload),
         )
-        stream, disk = capture(base, WORKLOADS[args.workload], work)
+        stream, disk = capture(base, args.workload, work)
 
         # naive: qcow2 diff + full memory snapshot, zstd -19
         disk_zst, t_disk = zstd19(disk)

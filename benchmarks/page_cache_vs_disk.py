@@ -5,9 +5,11 @@ compares 4 KiB chunks at 4 KiB-aligned offsets, so on a filesystem with 1 KiB bl
 guest's small ext4) a page-cache page usually matches no aligned disk chunk and is shipped twice.
 This measures, for one customised VM (a file of random bytes written to its disk), how many
 non-zero memory pages equal 4 KiB of its disk at 4 KiB, 1 KiB and 512-byte steps: what dedup
-at each step could save. Real QEMU guest (TCG), real files.
+at each step could save. Real QEMU guest (TCG), real files. `--guest distro` measures the
+distribution guest instead (tools/distroguest: ext4 with 4 KiB blocks, the file written over ssh).
 
-    .venv/bin/python benchmarks/page_cache_vs_disk.py [--mib 32] [--json FILE]
+    .venv/bin/python benchmarks/page_cache_vs_disk.py [--guest testguest|distro] [--mib 32]
+                                                      [--json FILE]
 """
 
 import argparse
@@ -27,10 +29,12 @@ from cloudlet.basevm.create import BaseSpec, Readiness, create_base  # noqa: E40
 from cloudlet.chunks import CHUNK_SIZE  # noqa: E402
 from cloudlet.disk import convert_to_raw  # noqa: E402
 from cloudlet.home import CloudletHome  # noqa: E402
+from cloudlet.hypervisor.qemu import Forward, free_port  # noqa: E402
 from cloudlet.memory.stream import parse_stream  # noqa: E402
 from cloudlet.overlay.create import Customisation, capture_customised  # noqa: E402
 from cloudlet.stats import Stats  # noqa: E402
 from cloudlet.vm import HostOptions  # noqa: E402
+from tests.distroguest import DistroGuest, build  # noqa: E402
 
 GUEST = Path.home() / ".cache" / "cloudlet" / "testguest"
 
@@ -43,7 +47,7 @@ def page_digests(data: np.ndarray) -> set[bytes]:
 
 def window_digests(disk: np.ndarray, step: int) -> set[bytes]:
     """Digests of every non-zero 4 KiB window of the disk starting at a multiple of `step`."""
-    view = memoryview(disk.tobytes())
+    view = memoryview(disk)
     zero = bytes(CHUNK_SIZE)
     out = set()
     for off in range(0, len(view) - CHUNK_SIZE + 1, step):
@@ -57,32 +61,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=32, help="size of the file written in the guest")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--guest", choices=["testguest", "distro"], default="testguest")
     args = ap.parse_args()
-    g = json.loads((GUEST / "guest.json").read_text())
+    write = f"dd if=/dev/urandom of={{}}/big bs=1M count={args.mib} 2>/dev/null; sync"
     with tempfile.TemporaryDirectory(prefix="pagecache-") as tmp:
         home = CloudletHome(Path(tmp) / "home")
-        base = create_base(
-            home,
-            BaseSpec(disk=GUEST / g["disk"], name="testguest", memory_mib=g["memory_mib"],
-                     kernel=GUEST / g["kernel"], initrd=GUEST / g["initrd"],
-                     append=g["append"]),
-            Readiness(marker=g["ready_marker"], timeout=600),
-            Stats(),
-        )
+        if args.guest == "distro":
+            guest = DistroGuest.load(build())
+            base = guest.create_base(home)
+            ssh_port = free_port()
+            host = HostOptions([Forward("tcp", ssh_port, guest.info["ready_port"])])
+            custom = Customisation(
+                wait_for_user=lambda vm: guest.ssh(ssh_port, write.format("/root"))
+            )
+        else:
+            g = json.loads((GUEST / "guest.json").read_text())
+            base = create_base(
+                home,
+                BaseSpec(disk=GUEST / g["disk"], name="testguest", memory_mib=g["memory_mib"],
+                         kernel=GUEST / g["kernel"], initrd=GUEST / g["initrd"],
+                         append=g["append"]),
+                Readiness(marker=g["ready_marker"], timeout=600),
+                Stats(),
+            )
+            host = HostOptions()
+            custom = Customisation(script=write.format("/data"), timeout=600)
         run = home.new_run_dir("measure")
-        script = (f"dd if=/dev/urandom of=/data/big bs=1M count={args.mib} 2>/dev/null; sync; "
-                  "tune2fs -l /dev/vda 2>/dev/null | grep 'Block size' || true")
-        snapshot, cow = capture_customised(base, run, Customisation(script=script, timeout=600),
-                                           HostOptions(), Stats())
+        snapshot, cow = capture_customised(base, run, custom, host, Stats())
         memory, disk = run / "memory.img", run / "disk.raw"
         with open(snapshot, "rb") as src:
             parse_stream(src, memory)
         convert_to_raw(cow, "qcow2", disk)
         mem = np.fromfile(memory, dtype=np.uint8)
         mem = mem[: len(mem) // CHUNK_SIZE * CHUNK_SIZE]
-        dsk = np.fromfile(disk, dtype=np.uint8)
+        dsk = np.memmap(disk, dtype=np.uint8, mode="r")
         pages = page_digests(mem)
-        result: dict[str, object] = {"file_mib": args.mib, "nonzero_memory_pages": len(pages)}
+        result: dict[str, object] = {
+            "guest": args.guest, "file_mib": args.mib, "nonzero_memory_pages": len(pages)
+        }
         for step in (4096, 1024, 512):
             started = time.monotonic()
             windows = window_digests(dsk, step)

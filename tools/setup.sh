@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian 12 machine: Debian packages, the project venv (.venv) with
-# cloudlet installed, the cached test guest and bookworm-backports' QEMU beside the system's.
+# cloudlet installed, the cached test and distribution guests and bookworm-backports' QEMU beside
+# the system's.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod zstd xz-utils
               python3-venv procps libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
-              fuse3 nginx-light iproute2 libvirt-dev pkg-config shellcheck)
+              fuse3 nginx-light iproute2 libvirt-dev pkg-config shellcheck mmdebstrap
+              openssh-client)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -72,6 +74,10 @@ if [ ! -f "$dashboard_stamp" ] || [ setup.cfg -nt "$dashboard_stamp" ] \
 fi
 
 tools/testguest/build.sh
+# The distribution guest (Debian 12 with systemd, by mmdebstrap; ~1 min and ~0.5 GB the first
+# time, then cached in ~/.cache/cloudlet/distroguest by its recipe's digest)
+distro_guest=$(tools/distroguest/build.sh)
+echo "setup: distribution guest in $distro_guest"
 
 # The newest QEMU of bookworm-backports, unpacked beside the system QEMU (never over it): the
 # second pass of tools/test.sh runs the QEMU tests on it; CLOUDLET_QEMU=<path> selects it.

@@ -2,7 +2,8 @@
 # Command 2 of the README: set up what is missing, then lint, run the dashboard's unit tests
 # (Django's runner) and the whole test suite
 # (unit tests and end-to-end tests on real QEMU guests), then the QEMU-dependent tests (marker
-# `qemu`, except those going through libvirt) again on bookworm-backports' QEMU
+# `qemu`, except those going through libvirt and the distribution guest's minutes-long
+# end-to-end test) again on bookworm-backports' QEMU
 # (tools/qemu-backports/install.sh), then the Nova driver's tests in Nova's own functional
 # framework (stestr, not pytest). Extra arguments go to both pytest passes. With CLOUDLET_QEMU
 # set, only that QEMU is tested (one pass, without the cross-version tests, which need the
@@ -26,7 +27,8 @@ else
     newer=$(tools/qemu-backports/install.sh | tail -n 1)
     echo "test: second pass, the QEMU-dependent tests on $newer"
     rc=0
-    CLOUDLET_QEMU=$newer .venv/bin/pytest -ra -m "qemu and not cross_version and not libvirt" "$@" \
+    CLOUDLET_QEMU=$newer .venv/bin/pytest -ra \
+        -m "qemu and not cross_version and not libvirt and not distro_guest" "$@" \
         || rc=$?
     [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"  # 5: the arguments selected no QEMU test
 fi
