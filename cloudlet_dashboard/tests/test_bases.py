@@ -41,6 +41,32 @@ class BasesIndexTests(helpers.TestCase):
         self.assertContains(res, 'id="bases__action_import"')
         self.assertContains(res, f'id="bases__row_{web.id}__action_launch"')
 
+    def test_index_shows_configuration_memory_image_and_caching_hosts(self) -> None:
+        web = helpers.base(
+            name="web",
+            disk_size=3 << 30,
+            memory_size=90 << 20,
+            configuration={
+                "machine": "pc-i440fx-7.2",
+                "memory_mib": 512,
+                "vcpus": 1,
+                "cpu": "Nehalem",
+                "devices": {"disk_bus": "virtio", "nic_model": "virtio"},
+                "qemu_version": "7.2.0",
+            },
+            cached_on=["edge-1", "edge-2"],
+        )
+        old = helpers.base(name="old")  # published before configuration was recorded
+        self.patch_api("base_list", return_value=[web, old])
+        res = self.client.get(INDEX_URL)
+        self.assertContains(res, "3.0\xa0GB")
+        self.assertContains(res, "90.0\xa0MB")
+        self.assertContains(res, "pc-i440fx-7.2, 1 vCPU, 512 MiB, Nehalem, QEMU 7.2.0")
+        self.assertContains(res, "edge-1, edge-2")
+        rows = {r.datum.name: r for r in res.context["table"].get_rows()}
+        self.assertEqual(rows["old"].cells["configuration"].data, "-")
+        self.assertEqual(rows["old"].cells["cached_on"].data, "-")
+
     def test_failed_import_shows_the_services_message(self) -> None:
         self.tasks["import-base"] = [
             helpers.task(name="bad", state="failed", error="member disk.raw: sha256 mismatch")

@@ -108,11 +108,41 @@ class UpdateRow(tables.Row):
 
 
 def disk_size(datum: Any) -> str:
-    return filesizeformat(datum.size) if is_base(datum) and datum.size else "-"
+    if not is_base(datum):
+        return "-"
+    size = datum.disk_size or datum.size
+    return filesizeformat(size) if size else "-"
 
 
 def memory_size(datum: Any) -> str:
-    return f"{datum.min_ram} MB" if is_base(datum) and datum.min_ram else "-"
+    """The memory image's size (what a host fetches), else the guest RAM the image asks for."""
+    if not is_base(datum):
+        return "-"
+    if datum.memory_size:
+        return filesizeformat(datum.memory_size)
+    return f"{datum.min_ram} MB" if datum.min_ram else "-"
+
+
+def configuration(datum: Any) -> str:
+    """Machine type, vCPUs, RAM and CPU model the memory snapshot was saved with: what a host
+    must offer to resume it."""
+    config = datum.configuration if is_base(datum) else None
+    if not config:
+        return "-"
+    parts = [
+        config.get("machine"),
+        f"{config['vcpus']} vCPU" if config.get("vcpus") else None,
+        f"{config['memory_mib']} MiB" if config.get("memory_mib") else None,
+        config.get("cpu"),
+        f"QEMU {config['qemu_version']}" if config.get("qemu_version") else None,
+    ]
+    return ", ".join(str(p) for p in parts if p)
+
+
+def cached_on(datum: Any) -> str:
+    """Compute hosts holding the base in their cache (absent when policy hides host names)."""
+    hosts = datum.cached_on if is_base(datum) else None
+    return ", ".join(hosts) if hosts else "-"
 
 
 def activity(datum: Any) -> str:
@@ -132,6 +162,8 @@ class BasesTable(tables.DataTable):
     )
     disk = tables.Column(disk_size, verbose_name=_("Disk"), attrs={"data-type": "size"})
     memory = tables.Column(memory_size, verbose_name=_("Memory"))
+    configuration = tables.WrappingColumn(configuration, verbose_name=_("Configuration"))
+    cached_on = tables.WrappingColumn(cached_on, verbose_name=_("Cached on"))
     visibility = tables.Column("visibility", verbose_name=_("Visibility"), filters=(title,))
     status = tables.Column(
         "status",
