@@ -257,7 +257,7 @@ class Nova(ServiceClient):
         ).json()["server"]
 
 
-class Placement(_Service):
+class Placement(ServiceClient):
     name = "Placement"
 
     def providers(self, required_trait: str | None = None) -> list[dict[str, Any]]:
