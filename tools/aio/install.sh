@@ -7,9 +7,10 @@ set -euo pipefail
 
 APT_PACKAGES=(postgresql rabbitmq-server libvirt-daemon-system libvirt-daemon-driver-qemu
               libvirt-clients libvirt-dev qemu-system-x86 qemu-utils python3-venv python3-dev
-              gcc pkg-config bc curl busybox-static)
+              gcc pkg-config bc curl busybox-static chromium chromium-driver)
 PIP_PACKAGES=("nova==34.*" "keystone==30.*" "glance==33.*" "openstack-placement==16.*"
-              python-openstackclient uwsgi psycopg2-binary "libvirt-python>=9.0" "pyroute2>=0.7")
+              python-openstackclient uwsgi psycopg2-binary "libvirt-python>=9.0" "pyroute2>=0.7"
+              "horizon==27.*" selenium)
 CONSTRAINTS=$AIO_REPO/tools/openstack-constraints.txt
 
 stamp_now() {
