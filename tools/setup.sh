@@ -60,6 +60,17 @@ if [ ! -f "$api_stamp" ] || [ setup.cfg -nt "$api_stamp" ] \
     touch "$api_stamp"
 fi
 
+# The Horizon plugin (cloudlet_dashboard) and its unit tests: Horizon 27 (Django 5.2), with the
+# same constraints file.
+dashboard_stamp=.venv/.cloudlet-dashboard-installed
+if [ ! -f "$dashboard_stamp" ] || [ setup.cfg -nt "$dashboard_stamp" ] \
+        || [ tools/openstack-constraints.txt -nt "$dashboard_stamp" ]; then
+    echo "setup: installing Horizon 27 for the cloudlet dashboard into .venv"
+    .venv/bin/pip install -q -c tools/openstack-constraints.txt \
+        -e '.[test,nova,nova-test,api,client,dashboard]'
+    touch "$dashboard_stamp"
+fi
+
 tools/testguest/build.sh
 
 # The newest QEMU of bookworm-backports, unpacked beside the system QEMU (never over it): the

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Command 2 of the README: set up what is missing, then lint and run the whole test suite
+# Command 2 of the README: set up what is missing, then lint, run the dashboard's unit tests
+# (Django's runner) and the whole test suite
 # (unit tests and end-to-end tests on real QEMU guests), then the QEMU-dependent tests (marker
 # `qemu`, except those going through libvirt) again on bookworm-backports' QEMU
 # (tools/qemu-backports/install.sh), then the Nova driver's tests in Nova's own functional
@@ -9,7 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-.venv/bin/ruff check cloudlet tests benchmarks cloudlet_nova cloudlet_api cloudletclient nova
+.venv/bin/ruff check cloudlet tests benchmarks cloudlet_nova cloudlet_api cloudletclient \
+    cloudlet_dashboard nova
+# The Horizon plugin's unit tests, in Django's test runner as Horizon's own (no guest needed)
+.venv/bin/python -m django test cloudlet_dashboard --settings=cloudlet_dashboard.test.settings
 if [ -n "${CLOUDLET_QEMU:-}" ]; then
     echo "test: QEMU $CLOUDLET_QEMU"
     .venv/bin/pytest -ra -m "not cross_version" "$@"

@@ -23,7 +23,11 @@ class CloudletService(service_description.ServiceDescription):
 
 
 def register(conn: Any) -> Any:
-    """Attach `conn.cloudlet` to an openstack.connection.Connection (returns it)."""
-    if not hasattr(conn, SERVICE_TYPE):
-        conn.add_service(CloudletService(service_type=SERVICE_TYPE))
+    """Attach `conn.cloudlet` to an openstack.connection.Connection (returns it).
+
+    Every connection is registered, even when an earlier one already put the `cloudlet`
+    attribute on the Connection class: the service is enabled in each connection's own config
+    (a second connection of one process, e.g. the dashboard's one per request, was refused
+    with ServiceDisabledException). A proxy the connection already made is kept."""
+    conn.add_service(CloudletService(service_type=SERVICE_TYPE))
     return conn

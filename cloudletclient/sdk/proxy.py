@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 from openstack import exceptions, proxy
 
+from cloudlet.overlay.reader import OverlayReader
 from cloudletclient.sdk.resources import Base, Overlay, Synthesis, Task
 
 MICROVERSION = "1.0"
@@ -30,6 +32,20 @@ class _ProgressFile:
         self._done += len(data)
         self._progress(self._done, self._size)
         return data
+
+
+@dataclass
+class Download:
+    """A streamed download: its length (0 if the service did not say) and its chunks; the
+    connection is released once `chunks` is exhausted or closed."""
+
+    size: int
+    chunks: Iterator[bytes]
+
+
+def _chunks(resp: Any) -> Iterator[bytes]:
+    with resp:
+        yield from resp.iter_content(CHUNK)
 
 
 class Proxy(proxy.Proxy):
@@ -86,17 +102,24 @@ class Proxy(proxy.Proxy):
         """Stream the base as a package (.cbase) into `output`; returns the bytes written."""
         return self._stream_to(f"/bases/{resource_id(base)}/package", output, progress)
 
+    def open_base_package(self, base: str | Base) -> Download:
+        """The base's package (.cbase) as a stream, for a caller relaying it (a web UI)."""
+        return self._download(f"/bases/{resource_id(base)}/package")
+
+    def _download(self, url: str) -> Download:
+        resp = self.get(url, stream=True)
+        return Download(int(resp.headers.get("Content-Length") or 0), _chunks(resp))
+
     def _stream_to(
         self, url: str, output: BinaryIO, progress: Callable[[int, int], None] | None
     ) -> int:
-        resp = self.get(url, stream=True)
-        total = int(resp.headers.get("Content-Length") or 0)
+        download = self._download(url)
         done = 0
-        for chunk in resp.iter_content(CHUNK):
+        for chunk in download.chunks:
             output.write(chunk)
             done += len(chunk)
             if progress:
-                progress(done, total)
+                progress(done, download.size)
         return done
 
     def import_base(
@@ -172,6 +195,21 @@ class Proxy(proxy.Proxy):
     ) -> int:
         """Stream the overlay file into `output`; returns the bytes written."""
         return self._stream_to(f"/overlays/{resource_id(overlay)}/file", output, progress)
+
+    def open_overlay_file(self, overlay: str | Overlay) -> Download:
+        """The overlay file as a stream, for a caller relaying it (a web UI)."""
+        return self._download(f"/overlays/{resource_id(overlay)}/file")
+
+    def overlay_summary(self, overlay: str | Overlay) -> dict[str, Any]:
+        """What the overlay holds (image sizes, chunks by kind, frames, codec, access order),
+        from its verified header, manifest and chunk map: reads the head of the file only,
+        the frames are never downloaded. Raises the engine's overlay errors for a bad file."""
+        ident = resource_id(overlay)
+        resp = self.get(f"/overlays/{ident}/file", stream=True)
+        with resp:
+            resp.raw.decode_content = True
+            with OverlayReader.open(resp.raw, name=f"overlay {ident}") as reader:
+                return reader.summary()
 
     # -- syntheses -----------------------------------------------------------------------
 

@@ -18,7 +18,11 @@ import pytest
 
 from cloudlet.basevm.package import export_base, import_base
 from cloudlet.basevm.store import BaseStore
+from cloudlet.chunks import CHUNK_SIZE, Kind, Target
+from cloudlet.errors import UnsupportedFormat
 from cloudlet.home import CloudletHome
+from cloudlet.overlay.writer import OverlayWriter
+from cloudlet_nova import glance as cloudlet_glance
 from cloudletclient.sdk import register
 from tests.api import objects, standins
 from tests.api.conftest import API, PROJECT_A
@@ -70,10 +74,9 @@ def named_overlay(api: API, project: str = PROJECT_A) -> tuple[str, str]:
     return overlay, name
 
 
-def test_sdk_proxy(api: API, cloud: standins.Cloud) -> None:
-    overlay, name = named_overlay(api)
+def member_connection(api: API) -> openstack.connection.Connection:
     creds = credentials(api, "member")
-    conn = register(
+    return register(
         openstack.connect(
             auth_url=creds["OS_AUTH_URL"],
             username=creds["OS_USERNAME"],
@@ -84,6 +87,11 @@ def test_sdk_proxy(api: API, cloud: standins.Cloud) -> None:
             region_name="RegionOne",
         )
     )
+
+
+def test_sdk_proxy(api: API, cloud: standins.Cloud) -> None:
+    overlay, name = named_overlay(api)
+    conn = member_connection(api)
     assert overlay in [o.id for o in conn.cloudlet.overlays()]
     found = conn.cloudlet.find_overlay(name)
     assert (found.id, found.base_id) == (overlay, cloud.images[overlay]["cloudlet_base_id"])
@@ -100,6 +108,36 @@ def test_sdk_proxy(api: API, cloud: standins.Cloud) -> None:
     assert done.images == {"overlay": "img-9"}
     with pytest.raises(openstack.exceptions.NotFoundException, match="not found"):
         conn.cloudlet.get_overlay(str(uuid.uuid4()))
+
+
+def test_sdk_overlay_summary_and_streams(api: API, cloud: standins.Cloud, tmp_path: Path) -> None:
+    """What the dashboard shows of an overlay: the summary of a real overlay file read from the
+    head of its download, and the file relayed as a stream."""
+    disk, _, base_id = objects.base(api, PROJECT_A)
+    path = tmp_path / "app.overlay"
+    with OverlayWriter(path, base_id) as w:
+        w.set_image(Target.DISK, 8 * CHUNK_SIZE, "00" * 32)
+        w.set_image(Target.MEMORY, 4 * CHUNK_SIZE, "11" * 32)
+        w.add_new(Target.DISK, 0, b"d" * CHUNK_SIZE)
+        w.add_new(Target.MEMORY, 1, b"m" * CHUNK_SIZE)
+        w.add_ref(Target.DISK, 3, Kind.ZERO)
+        w.add_ref(Target.MEMORY, 2, Kind.BASE_DISK, 5)
+    data = path.read_bytes()
+    overlay = cloud.add_image(
+        PROJECT_A, "app", cloudlet_glance.overlay_properties(base_id, disk), data
+    )
+    conn = member_connection(api)
+    assert register(conn) is conn and conn.cloudlet is register(conn).cloudlet  # idempotent
+    summary = conn.cloudlet.overlay_summary(overlay)
+    assert summary["base_id"] == base_id
+    assert summary["images"]["disk"]["size"] == 8 * CHUNK_SIZE
+    assert summary["images"]["memory"]["size"] == 4 * CHUNK_SIZE
+    assert summary["chunks"] == {"ZERO": 1, "BASE_MEMORY": 0, "BASE_DISK": 1, "SELF": 0, "NEW": 2}
+    download = conn.cloudlet.open_overlay_file(overlay)
+    assert (download.size, b"".join(download.chunks)) == (len(data), data)
+    not_an_overlay = objects.overlay(api, PROJECT_A)
+    with pytest.raises(UnsupportedFormat, match="not a cloudlet overlay"):
+        conn.cloudlet.overlay_summary(not_an_overlay)
 
 
 def test_cli_list_show_download(api: API, cloud: standins.Cloud, tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""cloudlet in the OpenStack dashboard: a Horizon plugin (Project -> Cloudlet)."""
