@@ -10,7 +10,7 @@ APT_PACKAGES=(postgresql rabbitmq-server libvirt-daemon-system libvirt-daemon-dr
               gcc pkg-config bc curl busybox-static chromium chromium-driver)
 PIP_PACKAGES=("nova==34.*" "keystone==30.*" "glance==33.*" "openstack-placement==16.*"
               python-openstackclient uwsgi psycopg2-binary "libvirt-python>=9.0" "pyroute2>=0.7"
-              "horizon==27.*" selenium)
+              selenium)
 CONSTRAINTS=$AIO_REPO/tools/openstack-constraints.txt
 
 stamp_now() {
@@ -33,7 +33,7 @@ fi
 step "apt packages"
 [ -x "$V/python" ] || python3 -m venv "$AIO_VENV"
 "$V/pip" install -q --upgrade pip
-"$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "$AIO_REPO[nova,api,client]"
+"$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "$AIO_REPO[nova,api,client,dashboard]"
 step "pip install (venv $AIO_VENV)"
 installed=$(cd / && "$V/python" -c 'import cloudlet_nova, os
 print(os.path.dirname(os.path.dirname(cloudlet_nova.__file__)))')

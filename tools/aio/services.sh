@@ -69,21 +69,21 @@ horizon_prepare() {  # the plugin's enabled files, settings, policy, static file
     od=$(cd / && "$V/python" -c 'import openstack_dashboard, os
 print(os.path.dirname(openstack_dashboard.__file__))')
     ln -sfn "$A/etc/horizon/local_settings.py" "$od/local/local_settings.py"
-    # the panel's enabled files (Horizon's plugin convention), replacing the ones copied before
-    while read -r f; do rm -f "$od/local/enabled/$f"; done < <(cat "$A/state/horizon/enabled" 2>/dev/null)
+    # the plugin's enabled files and settings snippets (Horizon's plugin convention), replacing
+    # the ones copied before
+    while read -r f; do rm -f "$od/local/$f"; done < <(cat "$A/state/horizon/enabled" 2>/dev/null)
     : > "$A/state/horizon/enabled"
-    for f in "$AIO_REPO"/cloudlet_dashboard/enabled/_*.py; do
+    for f in "$AIO_REPO"/cloudlet_dashboard/{enabled,local_settings.d}/_*.py; do
         [ -f "$f" ] || continue
-        cp "$f" "$od/local/enabled/"; basename "$f" >> "$A/state/horizon/enabled"
+        local d; d=$(basename "$(dirname "$f")")
+        cp "$f" "$od/local/$d/"; echo "$d/$(basename "$f")" >> "$A/state/horizon/enabled"
     done
-    "$V/oslopolicy-policy-generator" --namespace cloudlet_api \
-        --output-file "$A/etc/horizon/cloudlet_policy.yaml" 2>/dev/null \
-        || die "oslopolicy-policy-generator --namespace cloudlet_api failed"
     # collectstatic + offline compression take a minute: only when their inputs changed
-    now=$( { cat "$A/etc/horizon/local_settings.py" "$A/state/horizon/enabled" \
-             "$A/.installed" 2>/dev/null; \
-             find "$AIO_REPO/cloudlet_dashboard" -type f ! -name '*.pyc' -print0 2>/dev/null \
-                 | sort -z | xargs -0 -r cat; } | sha256sum | cut -d' ' -f1)
+    now=$( { cat "$A/etc/horizon/local_settings.py" "$A/state/horizon/enabled" "$A/.installed"
+             if [ -d "$AIO_REPO/cloudlet_dashboard" ]; then
+                 find "$AIO_REPO/cloudlet_dashboard" -type f ! -name '*.pyc' -print0 | sort -z \
+                     | xargs -0 -r cat
+             fi; } | sha256sum | cut -d' ' -f1)
     stamp=$A/state/horizon/static.stamp
     [ -d "$A/state/horizon/static" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$now" ] && return 0
     rm -rf "$A/state/horizon/static"
@@ -150,7 +150,7 @@ start_service() {  # NAME (the stack's files exist: up.sh made them)
         horizon)
             horizon_prepare
             uwsgi_start horizon 8080 openstack_dashboard.wsgi:application \
-                "UWSGI_STATIC_MAP=/dashboard/static=$A/state/horizon/static" ;;
+                "UWSGI_STATIC_MAP=/static=$A/state/horizon/static" ;;
         neutron-standin) daemon_start neutron-standin "$V/python" "$AIO_TOOLS/neutron_standin.py" ;;
         nova-conductor|nova-scheduler|nova-compute)
             daemon_start "$1" "$V/$1" --config-file "$A/etc/nova/nova.conf" ;;

@@ -56,6 +56,11 @@ render nova.conf "$A/etc/nova/nova.conf"
 render nova-api.conf "$A/etc/nova/nova-api.conf"
 render cloudlet-api.conf "$A/etc/cloudlet/cloudlet-api.conf"
 render horizon-local_settings.py "$A/etc/horizon/local_settings.py"
+# the site's cloudlet policy, read by cloudlet-api and Horizon: the defaults, commented out (an
+# operator uncomments a rule to change it); kept across starts
+[ -f "$A/etc/cloudlet/policy.yaml" ] || "$V/oslopolicy-sample-generator" --namespace cloudlet_api \
+    --output-file "$A/etc/cloudlet/policy.yaml" >/dev/null 2>&1 \
+    || die "oslopolicy-sample-generator --namespace cloudlet_api failed"
 cp "$AIO_VENV/etc/nova/api-paste.ini" "$A/etc/nova/"  # nova-api under uwsgi reads it from there
 
 ensure() {  # NAME: start it unless it runs

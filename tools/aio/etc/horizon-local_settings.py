@@ -1,12 +1,12 @@
 # Horizon 27 of the all-in-one (rendered by tools/aio/up.sh into $AIO_DIR/etc/horizon/ and linked
-# as openstack_dashboard/local/local_settings.py): served by uwsgi at /dashboard/, static files
+# as openstack_dashboard/local/local_settings.py): served by uwsgi at http://127.0.0.1:8080/, static files
 # collected and compressed offline into $AIO_DIR/state/horizon/static (services.sh).
 from horizon.utils import secret_key
 from openstack_dashboard import defaults
 
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
-WEBROOT = "/dashboard/"
+WEBROOT = "/"
 STATIC_ROOT = "@AIO_DIR@/state/horizon/static"
 COMPRESS_ENABLED = True
 COMPRESS_OFFLINE = True
@@ -26,11 +26,9 @@ OPENSTACK_NEUTRON_NETWORK = {
     "enable_fip_topology_check": False,
 }
 
-# cloudlet-api's policy (oslopolicy-policy-generator --namespace cloudlet_api), as Horizon keeps
-# each service's: the panel hides what the service would refuse
-POLICY_FILES = dict(defaults.POLICY_FILES, cloudlet="@AIO_DIR@/etc/horizon/cloudlet_policy.yaml")
-DEFAULT_POLICY_FILES = dict(defaults.DEFAULT_POLICY_FILES,
-                            cloudlet="@AIO_DIR@/etc/horizon/cloudlet_policy.yaml")
+# the site's cloudlet policy file, the one cloudlet-api reads too: the panel hides what the
+# service would refuse. The rules' defaults come with the plugin (its local_settings.d snippet).
+POLICY_FILES = dict(defaults.POLICY_FILES, cloudlet="@AIO_DIR@/etc/cloudlet/policy.yaml")
 
 LOGGING = {
     "version": 1,
