@@ -43,7 +43,14 @@ from cloudlet.hypervisor.config import VMConfig
 from cloudlet.hypervisor.qemu import Forward, free_port
 from cloudlet.sources import AllowList
 from cloudlet.stats import Stats
-from cloudlet.synthesis import Synthesis, SynthesisSpec, prepare_synthesis
+from cloudlet.synthesis import (
+    MountedImages,
+    PlainImages,
+    QemuRunner,
+    Synthesis,
+    SynthesisSpec,
+    prepare_synthesis,
+)
 from cloudlet.vm import HostOptions
 
 METHODS = ("naive", "pipelined", "early", "ordered")
@@ -107,10 +114,11 @@ def phase_ours(home: str, url: str, expect: str, early: str, trace_out: str) -> 
     t0 = time.monotonic()
     spec = SynthesisSpec(
         source=url,
-        host=HostOptions([Forward("tcp", port, 80)]),
-        early_start=early == "1",
+        sink=MountedImages(Path(trace_out) if trace_out != "-" else None)
+        if early == "1"
+        else PlainImages(),
+        runner=QemuRunner(HostOptions([Forward("tcp", port, 80)])),
         allow=AllowList.parse([url]),
-        trace_out=Path(trace_out) if trace_out != "-" else None,
     )
     syn = prepare_synthesis(CloudletHome(Path(home)), spec, stats)
     with syn:

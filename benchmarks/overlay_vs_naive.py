@@ -38,7 +38,7 @@ from cloudlet.overlay.create import (  # noqa: E402
     capture_customised,
 )
 from cloudlet.stats import Stats  # noqa: E402
-from cloudlet.synthesis import SynthesisSpec, synthesize  # noqa: E402
+from cloudlet.synthesis import QemuRunner, SynthesisSpec, synthesize  # noqa: E402
 from cloudlet.vm import HostOptions  # noqa: E402
 
 WORKLOADS = {
@@ -131,7 +131,9 @@ def phase_synth(home: str, overlay: str, expect: str) -> None:
     port = free_port()
     stats = Stats()
     start = time.monotonic()
-    spec = SynthesisSpec(source=Path(overlay), host=HostOptions([Forward("tcp", port, 80)]))
+    spec = SynthesisSpec(
+        source=Path(overlay), runner=QemuRunner(HostOptions([Forward("tcp", port, 80)]))
+    )
     with synthesize(CloudletHome(Path(home)), spec, stats):
         resumed = time.monotonic() - start
         wait_http(port, expect)

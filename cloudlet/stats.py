@@ -14,6 +14,10 @@ class Stage:
     seconds: float = 0.0
     bytes: int = 0
     failed: bool = False  # ended by an exception: never shown as "ok"
+    # seconds since the Stats was created: first start and last end of this stage (a timeline
+    # draws it as a bar; stages may overlap, e.g. early start's pipeline under the running guest)
+    start: float | None = None
+    end: float | None = None
 
 
 @dataclass
@@ -29,11 +33,14 @@ class Stats:
     # told when a stage starts (seconds None) and ends, and whether it failed: the CLI's live
     # stage line
     listener: Callable[[str, float | None, bool], None] | None = None
+    created: float = field(default_factory=time.monotonic)  # what start/end count from
 
     @contextmanager
     def stage(self, name: str, nbytes: int = 0) -> Iterator[Stage]:
         st = self.stages.setdefault(name, Stage(name))
         start = time.monotonic()
+        if st.start is None:
+            st.start = start - self.created
         if self.listener:
             self.listener(name, None, False)
         failed = True
@@ -41,10 +48,12 @@ class Stats:
             yield st
             failed = False
         finally:
-            elapsed = time.monotonic() - start
+            end = time.monotonic()
+            elapsed = end - start
             st.seconds += elapsed
             st.bytes += nbytes
             st.failed = st.failed or failed
+            st.end = end - self.created
             if self.listener:
                 self.listener(name, elapsed, failed)
 
@@ -54,7 +63,13 @@ class Stats:
     def as_dict(self) -> dict:
         return {
             "stages": {
-                k: {"seconds": round(s.seconds, 4), "bytes": s.bytes, "failed": s.failed}
+                k: {
+                    "seconds": round(s.seconds, 4),
+                    "bytes": s.bytes,
+                    "failed": s.failed,
+                    "start": _rounded(s.start),
+                    "end": _rounded(s.end),
+                }
                 for k, s in self.stages.items()
             },
             "counters": dict(self.counters),
@@ -72,6 +87,10 @@ class Stats:
             shown = f"{v:.2f}" if isinstance(v, float) else str(v)
             lines.append(f"  {k:<{width}}  {shown}")
         return "\n".join(lines)
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
 
 
 def human_bytes(n: float) -> str:

@@ -1,17 +1,24 @@
-"""Synthesize a VM: base + overlay (a file, a URL or an upload) -> the guest resumed running.
+"""Synthesize a VM: base + overlay (a file, a URL, an upload, a Glance image) -> a resumed guest.
 
-`prepare_synthesis` opens the overlay's source, reads and verifies everything before the frames
-and checks the base and the VM configuration: nothing has started yet. `Synthesis.start()` then
-runs the frame pipeline (cloudlet.pipeline) into one of two sinks:
+One engine API for every front end (the CLI, `cloudlet serve`, the Nova driver):
 
-- early start (the default): cloudletfs serves the disk and memory images while frames arrive;
-  QEMU maps guest RAM privately from the memory file and restores only ROMs and device state,
-  so the guest resumes at once and a read of a missing chunk fetches its frame first;
-- without early start: plain image files, complete and verified before QEMU starts.
+1. `prepare_synthesis` opens the overlay's source, reads and verifies everything before the
+   frames, and matches the base (found in the home, or the one the caller already chose and
+   verified) and the VM configuration, once; the runner checks this host can resume it.
+   Nothing has started yet.
+2. `Synthesis.start()` materializes the result images into the spec's sink while the frame
+   pipeline (cloudlet.pipeline) verifies every frame and both result digests:
+   - `PlainImages`: plain files, complete and verified before the runner starts;
+   - `MountedImages` (early start): cloudletfs serves the images while frames arrive, a read of
+     a missing chunk fetches its frame first, and the runner starts at once.
+3. ... and resumes them with the spec's runner: `QemuRunner` here (guest RAM mapped privately
+   from the mount with early start, so the guest resumes before the overlay is in); the Nova
+   driver's libvirt restore (cloudlet_nova.runner) is another. Without a runner the verified
+   plain images are the result (Nova restores them once it has defined the domain).
 
 A failure on any thread (a frame digest, a lost source, a read past the fetch deadline, a result
-digest) fails the whole synthesis: QEMU is killed, waiting reads get EIO, the mount and the run
-directory go.
+digest, the runner) fails the whole synthesis: the guest is killed, waiting reads get EIO, the
+mount, the run directory and every image the sink made go.
 """
 
 import contextlib
@@ -25,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -38,6 +45,7 @@ from cloudlet.hypervisor.qemu import MAIN_RAM_BLOCK, QemuVM, check_host_can_resu
 from cloudlet.memory.stream import MemoryLayout
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.pipeline import BaseImages, FileSink, FramePlan, Pipeline
+from cloudlet.sinks import ChunkSink
 from cloudlet.sources import AllowList, OverlaySource, open_source
 from cloudlet.stats import Stats
 from cloudlet.vm import HostOptions, resume_base
@@ -51,20 +59,111 @@ _TEARDOWN_TIMEOUT = 120.0  # QEMU quit (10 s), pipeline join, unmount: each boun
 
 
 @dataclass
+class Resumable:
+    """What a runner resumes: the base's hardware and the result images (verified, or served
+    by cloudletfs and verified as they arrive)."""
+
+    base: BaseVM
+    disk: Path  # raw
+    memory: Path  # the flat memory image
+    layout: MemoryLayout  # how `memory` becomes the QEMU stream
+    work_dir: Path  # where the runner may put its sockets, FIFOs and save files
+    ram_file: Path | None = None  # early start: guest RAM mapped lazily from this file
+
+
+class Runner(Protocol):
+    """Resumes a guest from a Resumable; stop() may come from any thread, at any time."""
+
+    def check_host(self, base: BaseVM, layout: MemoryLayout) -> None:
+        """Raise (HostCannotResume, ...) before any frame is read if this host cannot."""
+
+    def resume(self, images: Resumable, stats: Stats, timeout: float) -> None:
+        """The guest runs when this returns (stages "restore memory", "resume")."""
+
+    def stop(self, failed: bool) -> None:
+        """Stop the guest (killed at once when `failed`); idempotent and bounded. A stop before
+        resume() started the guest makes that resume fail."""
+
+
+class Sink(Protocol):
+    """Where the result images are materialized for the runner."""
+
+    early: bool  # the runner starts before every frame has arrived
+
+    def open(self, synth: "Synthesis") -> tuple[ChunkSink, Resumable]:
+        """The pipeline's ChunkSink and what the runner will resume (under synth.run_dir)."""
+
+    def fail(self, error: BaseException) -> None:
+        """The synthesis failed: readers waiting for chunks fail now (any thread)."""
+
+    def close(self, synth: "Synthesis", failed: bool) -> None:
+        """Tear down; after a failure nothing the sink made is left."""
+
+    def summary(self) -> dict[str, Any] | None:
+        """Numbers for status() while it runs, if any."""
+
+
+class QemuRunner:
+    """Resumes the guest in a QEMU this process starts (standalone and `cloudlet serve`).
+
+    QEMU dies with the thread that calls resume() (PDEATHSIG): call it from one that lives as
+    long as the VM.
+    """
+
+    def __init__(self, host: HostOptions | None = None) -> None:
+        self.host = host or HostOptions()
+        self.vm: QemuVM | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def check_host(self, base: BaseVM, layout: MemoryLayout) -> None:
+        check_host_can_resume_overlay(base, layout)
+
+    def resume(self, images: Resumable, stats: Stats, timeout: float) -> None:
+        resume_base(
+            images.base,
+            disk=images.disk,
+            disk_format="raw",
+            memory_image=images.memory,
+            layout=images.layout,
+            run_dir=images.work_dir,
+            host=self.host,
+            stats=stats,
+            timeout=timeout,
+            ram_file=images.ram_file,
+            on_launch=self._launched,
+        )
+
+    def _launched(self, vm: QemuVM) -> None:
+        """QEMU runs (not yet restored): from now on stop() on any thread can kill it."""
+        with self._lock:
+            self.vm = vm
+            stopped = self._stopped
+        if stopped:
+            vm.kill()  # stopped while QEMU was starting: the restore fails at once
+
+    def stop(self, failed: bool) -> None:
+        with self._lock:
+            self._stopped = True
+            vm = self.vm
+        if vm is None:
+            return
+        if not failed:
+            with contextlib.suppress(Exception):
+                vm.quit(timeout=10)
+        vm.kill()
+
+
+@dataclass
 class SynthesisSpec:
-    source: str | os.PathLike[str] | OverlaySource  # path or URL, or an opened source (upload)
-    host: HostOptions = field(default_factory=HostOptions)
+    source: str | os.PathLike[str] | OverlaySource  # path or URL, or an opened source
+    sink: Sink = field(default_factory=lambda: MountedImages())
+    runner: Runner | None = field(default_factory=QemuRunner)  # None: the images are the result
+    base: BaseVM | None = None  # the base the caller chose and verified; default: the home's
     timeout: float = 300.0  # bound on each step that waits (restore, a whole local apply)
-    early_start: bool = True
     fetch_deadline: float = 60.0  # a guest read of a missing chunk, or the source, waits no longer
     allow: AllowList | None = None  # remote URLs the source may be fetched from
-    trace_out: Path | None = None  # write the chunk access trace here when the VM stops
     id: str | None = None  # what logs and status call it (a server passes its own); default new
-
-    def __post_init__(self) -> None:
-        # resolved where the user named it, before anything runs (FileSource does the same)
-        if self.trace_out is not None:
-            self.trace_out = Path(self.trace_out).absolute()
 
 
 def find_base(home: CloudletHome, base_id: str) -> BaseVM:
@@ -78,10 +177,10 @@ def find_base(home: CloudletHome, base_id: str) -> BaseVM:
 
 
 def check_overlay_fits(reader: OverlayReader, base: BaseVM) -> MemoryLayout:
-    """Refuse an overlay whose VM configuration or RAM layout differs from the base's.
-
-    Returns the overlay's memory layout (what the restored stream must look like).
-    """
+    """Refuse an overlay made for another base, or whose VM configuration or RAM layout differs
+    from the base's. Returns the overlay's memory layout (what the restored stream must be)."""
+    if reader.base_id != base.id:
+        raise WrongBase(f"the overlay was made for base VM {reader.base_id}, not {base.short_id}")
     config = VMConfig.from_dict(base.config)
     config.check_compatible(VMConfig.from_dict(json.loads(reader.blob("vm-config"))))
     layout = MemoryLayout.from_bytes(reader.blob("memory-layout"))
@@ -112,7 +211,8 @@ def base_images(base: BaseVM) -> BaseImages:
 
 
 def prepare_synthesis(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> "Synthesis":
-    """Open the overlay, verify its manifest, find its base and check they fit; start nothing."""
+    """Open the overlay, verify its manifest, match its base and configuration and let the
+    runner check this host; start nothing."""
     with stats.stage("open + verify manifest"):
         if isinstance(spec.source, OverlaySource):
             source = spec.source
@@ -127,9 +227,10 @@ def prepare_synthesis(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> 
             stream = source.stream(0)
             reader = OverlayReader.open(stream, name=source.url)
             _skip_to_frames(stream, reader)
-            base = find_base(home, reader.base_id)
+            base = spec.base or find_base(home, reader.base_id)
             layout = check_overlay_fits(reader, base)
-            check_host_can_resume_overlay(base, layout)  # before reading any frame
+            if spec.runner is not None:
+                spec.runner.check_host(base, layout)  # before reading any frame
         except BaseException:
             for closing in (reader, stream, source):
                 if closing is not None:
@@ -148,6 +249,40 @@ def synthesize(home: CloudletHome, spec: SynthesisSpec, stats: Stats) -> "Synthe
         synth.close()
         raise
     return synth
+
+
+class PlainImages:
+    """Plain result files, complete and verified before the runner starts.
+
+    In `directory` (the caller's from then on: kept after close, removed after a failure), or
+    by default in the run directory (removed at close).
+    """
+
+    early = False
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
+        self._made: list[Path] = []
+
+    def open(self, synth: "Synthesis") -> tuple[ChunkSink, Resumable]:
+        assert synth.run_dir is not None
+        where = self.directory or synth.run_dir
+        disk, memory = where / IMAGE_NAMES[Target.DISK], where / IMAGE_NAMES[Target.MEMORY]
+        sizes = {t: synth.reader.images[t].size for t in Target}
+        sink = FileSink(base_images(synth.base), disk, memory, sizes)
+        self._made = [disk, memory]
+        return sink, Resumable(synth.base, disk, memory, synth.layout, synth.run_dir)
+
+    def fail(self, error: BaseException) -> None:
+        """Nobody reads plain files before they are complete (the pipeline aborts the sink)."""
+
+    def close(self, synth: "Synthesis", failed: bool) -> None:
+        if failed:  # a runner's failure comes after the commit renamed them into place
+            for made in self._made:
+                made.unlink(missing_ok=True)
+
+    def summary(self) -> dict[str, Any] | None:
+        return None
 
 
 class _FSSink:
@@ -175,6 +310,87 @@ class _FSSink:
         pass  # the images are complete and verified; cloudletfs serves them from now on
 
 
+class MountedImages:
+    """Early start: a cloudletfs mount over the base serves the result images while frames
+    arrive; a read of a chunk still missing asks the pipeline for its frame and waits (up to the
+    fetch deadline). `trace_out`: the guest's chunk access trace is written there at the end.
+    """
+
+    early = True
+
+    def __init__(self, trace_out: Path | None = None) -> None:
+        # resolved where the user named it, before anything runs (FileSource does the same)
+        self.trace_out = None if trace_out is None else Path(trace_out).absolute()
+        self.fs: Any = None  # cloudletfs.CloudletFS once mounted
+        self._mounted = False
+
+    def open(self, synth: "Synthesis") -> tuple[ChunkSink, Resumable]:
+        from cloudletfs import CloudletFS, ImageSpec, View  # FUSE only where early start runs
+
+        assert synth.run_dir is not None
+        images = base_images(synth.base)
+        plan = FramePlan.of(synth.reader)
+        specs = []
+        for target, name in IMAGE_NAMES.items():
+            base_path, _ = images.image(target)
+            size = synth.reader.images[target].size
+            state, frame = _initial_state(plan, target, size, os.path.getsize(base_path))
+            specs.append(ImageSpec(name, size, base_path, synth.run_dir / f"{name}.layer",
+                                   state, frame))  # fmt: skip
+        ram = synth.layout.block(MAIN_RAM_BLOCK)
+        views = [View(RAM_VIEW, IMAGE_NAMES[Target.MEMORY], ram.offset, ram.length)]
+        mnt = synth.run_dir / "mnt"
+        mnt.mkdir()
+        with synth.stats.stage("mount cloudletfs"):
+            self.fs = CloudletFS(
+                mnt,
+                specs,
+                views,
+                on_demand=synth.demand,
+                on_failure=synth.fail,
+                fetch_deadline=synth.spec.fetch_deadline,
+            )
+            self.fs.mount(timeout=synth.spec.timeout)
+            self._mounted = True
+        resumable = Resumable(
+            synth.base,
+            disk=self.fs.path(IMAGE_NAMES[Target.DISK]),
+            memory=self.fs.path(IMAGE_NAMES[Target.MEMORY]),
+            layout=synth.layout,
+            work_dir=synth.run_dir,
+            ram_file=self.fs.path(RAM_VIEW),
+        )
+        return _FSSink(self.fs, synth.fail), resumable
+
+    def fail(self, error: BaseException) -> None:
+        if self.fs is not None:
+            self.fs.fail(error)
+
+    def close(self, synth: "Synthesis", failed: bool) -> None:
+        fs = self.fs
+        if fs is None:
+            return
+        if failed:
+            fs.fail(synth.error)
+        if self.trace_out is not None:
+            _logged(self._write_trace, fs.trace())
+        for key, value in _fs_summary(fs.stats()).items():
+            synth.stats.counters[f"cloudletfs {key}"] = value
+        self._mounted = False
+        _logged(fs.unmount)
+
+    def summary(self) -> dict[str, Any] | None:
+        return _fs_summary(self.fs.stats()) if self._mounted else None
+
+    def _write_trace(self, rows: list[dict]) -> None:
+        assert self.trace_out is not None
+        tmp = self.trace_out.with_name(self.trace_out.name + ".partial")
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, self.trace_out)
+
+
 class Synthesis:
     """One synthesis on this host, from prepared to closed. Thread-safe."""
 
@@ -192,15 +408,14 @@ class Synthesis:
         self.id = spec.id or secrets.token_hex(8)
         self.home, self.spec, self.base, self.stats = home, spec, base, stats
         self.source, self._stream, self.reader, self.layout = source, stream, reader, layout
-        self.vm: QemuVM | None = None
+        self.sink, self.runner = spec.sink, spec.runner
         self.run_dir: Path | None = None
         self.pipeline: Pipeline | None = None
-        self.fs: Any = None  # cloudletfs.CloudletFS with early start
+        self.images: Resumable | None = None  # what the sink made, once it opened
         self._lock = threading.RLock()
         self._state = "prepared"
         self._error: BaseException | None = None
         self._complete = threading.Event()  # every frame applied and verified, or failed
-        self._torn_down = False
         self._teardown_thread: threading.Thread | None = None
         self._in_start = False  # start() runs: it tears down itself if anything fails
         self._start_done = threading.Event()
@@ -210,7 +425,9 @@ class Synthesis:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the synthesis until the guest runs (early start: before the overlay is in).
+        """Materialize the images into the sink and resume them with the runner: the guest
+        runs when this returns (early start: before the overlay is in). Without a runner, the
+        images are complete and verified when it returns.
 
         Call it from a thread that lives as long as the VM: QEMU dies with that thread.
         """
@@ -222,10 +439,7 @@ class Synthesis:
             self.run_dir = self.home.new_run_dir("synthesis")
         error: BaseException | None = None
         try:
-            if self.spec.early_start:
-                self._start_early()
-            else:
-                self._start_complete()
+            self._materialize_and_resume()
         except BaseException as e:
             error = e
         with self._lock:
@@ -240,98 +454,40 @@ class Synthesis:
             self.fail(error)
             self._start_teardown().join(_TEARDOWN_TIMEOUT)
             raise error
-        LOG.info("synthesis %s: guest running from base %s", self.id, self.base.id[:16])
+        if self.runner is not None:
+            LOG.info("synthesis %s: guest running from base %s", self.id, self.base.id[:16])
 
-    def _start_complete(self) -> None:
-        """Apply everything into plain files, verify, then resume from them."""
-        assert self.run_dir is not None
-        disk, memory = self.run_dir / "disk.raw", self.run_dir / "memory.img"
-        images = base_images(self.base)
-        sizes = {t: self.reader.images[t].size for t in Target}
-        sink = FileSink(images, disk, memory, sizes)
-        self.pipeline = self._pipeline(images, sink)
-        with self.stats.stage("apply overlay", self.reader.total_length):
-            self.pipeline.start()
-            self.pipeline.wait(self.spec.timeout)
-        self._pipeline_done()
-        resume_base(
-            self.base,
-            disk=disk,
-            disk_format="raw",
-            memory_image=memory,
-            layout=self.layout,
-            run_dir=self.run_dir,
-            host=self.spec.host,
-            stats=self.stats,
-            timeout=self.spec.timeout,
-            on_launch=self._launched,
-        )
-        memory.unlink()  # restored into QEMU; the disk stays, the guest runs on it
-
-    def _start_early(self) -> None:
-        """Mount cloudletfs over the base, start the pipeline into it, resume at once."""
-        from cloudletfs import CloudletFS, ImageSpec, View  # FUSE only where early start runs
-
-        assert self.run_dir is not None
-        images = base_images(self.base)
-        plan = FramePlan.of(self.reader)
-        specs = []
-        for target, name in IMAGE_NAMES.items():
-            base_path, _ = images.image(target)
-            size = self.reader.images[target].size
-            state, frame = _initial_state(plan, target, size, os.path.getsize(base_path))
-            specs.append(ImageSpec(name, size, base_path, self.run_dir / f"{name}.layer",
-                                   state, frame))
-        ram = self.layout.block(MAIN_RAM_BLOCK)
-        views = [View(RAM_VIEW, IMAGE_NAMES[Target.MEMORY], ram.offset, ram.length)]
-        mnt = self.run_dir / "mnt"
-        mnt.mkdir()
-        with self.stats.stage("mount cloudletfs"):
-            self.fs = CloudletFS(
-                mnt,
-                specs,
-                views,
-                on_demand=self._demand,
-                on_failure=self.fail,
-                fetch_deadline=self.spec.fetch_deadline,
+    def _materialize_and_resume(self) -> None:
+        chunk_sink, images = self.sink.open(self)
+        self.images = images
+        try:
+            self.pipeline = Pipeline(
+                self.reader,
+                self.source,
+                base_images(self.base),
+                chunk_sink,
+                stats=self.stats,
+                frames_stream=self._stream,
             )
-            self.fs.mount(timeout=self.spec.timeout)
-        self.pipeline = self._pipeline(images, _FSSink(self.fs, self.fail))
-        self.pipeline.start()  # ZERO and BASE_* chunks are in before QEMU reads anything
-        threading.Thread(target=self._watch, name=f"synthesis-{self.id}", daemon=True).start()
-        resume_base(
-            self.base,
-            disk=self.fs.path(IMAGE_NAMES[Target.DISK]),
-            disk_format="raw",
-            memory_image=self.fs.path(IMAGE_NAMES[Target.MEMORY]),
-            layout=self.layout,
-            run_dir=self.run_dir,
-            host=self.spec.host,
-            stats=self.stats,
-            timeout=self.spec.timeout,
-            ram_file=self.fs.path(RAM_VIEW),
-            on_launch=self._launched,
-        )
+        except BaseException as e:
+            chunk_sink.abort(e)
+            raise
+        if self.sink.early:
+            self.pipeline.start()  # ZERO and BASE_* chunks are in before the guest reads any
+            threading.Thread(target=self._watch, name=f"synthesis-{self.id}", daemon=True).start()
+        else:
+            with self.stats.stage("apply overlay", self.reader.total_length):
+                self.pipeline.start()
+                self.pipeline.wait(self.spec.timeout)
+            self._pipeline_done()
+        if self.runner is None:
+            return
+        self.runner.resume(images, self.stats, self.spec.timeout)
+        if not self.sink.early:
+            images.memory.unlink(missing_ok=True)  # restored into the guest; the disk stays
 
-    def _launched(self, vm: QemuVM) -> None:
-        """QEMU runs (not yet restored): from now on a failure on any thread can kill it."""
-        with self._lock:
-            self.vm = vm
-            stopped = self._error is not None or self._state == "closed"
-        if stopped:
-            vm.kill()  # failed or closed while QEMU was starting: the restore fails at once
-
-    def _pipeline(self, images: BaseImages, sink: Any) -> Pipeline:
-        return Pipeline(
-            self.reader,
-            self.source,
-            images,
-            sink,
-            stats=self.stats,
-            frames_stream=self._stream,
-        )
-
-    def _demand(self, frame: int) -> None:
+    def demand(self, frame: int) -> None:
+        """A reader waits for a chunk of `frame` (cloudletfs): fetch it ahead of the stream."""
         pipeline = self.pipeline
         if pipeline is not None:
             pipeline.demand(frame)
@@ -371,12 +527,12 @@ class Synthesis:
             raise self._error
 
     def fail(self, error: BaseException) -> None:
-        """Fail the synthesis: the VM is killed, readers get EIO, mount and files go.
+        """Fail the synthesis: the guest is killed, readers get EIO, mount and files go.
 
         Safe from any thread (a pipeline stage, a cloudletfs deadline, the owner). While start()
-        runs, only what it waits on is stopped (QEMU, cloudletfs reads) and start() tears down
-        as it returns; otherwise the tear-down runs on a thread of its own, since it joins the
-        pipeline and unmounts the filesystem.
+        runs, only what it waits on is stopped (the runner, cloudletfs reads) and start() tears
+        down as it returns; otherwise the tear-down runs on a thread of its own, since it joins
+        the pipeline and unmounts the filesystem.
         """
         with self._lock:
             if self._error is None and self._state != "closed":
@@ -384,19 +540,18 @@ class Synthesis:
                 self._state = "failed"
                 LOG.error("synthesis %s failed: %s", self.id, error)
             in_start = self._in_start
-            vm, fs = self.vm, self.fs
         self._complete.set()
         if not in_start:
             self._start_teardown()
             return
         _logged(self.source.close)  # a fetch blocked on the network fails at once
-        if vm is not None:
-            vm.kill()
-        if fs is not None:
-            fs.fail(error)
+        if self.runner is not None:
+            self.runner.stop(failed=True)
+        self.sink.fail(error)
 
     def close(self) -> None:
-        """Stop the VM and remove everything the synthesis made; idempotent, bounded.
+        """Stop the guest and remove everything the synthesis made but the images a sink hands
+        over (PlainImages with a directory); idempotent, bounded.
 
         Called while start() still runs (another thread), it stops the start first.
         """
@@ -426,39 +581,19 @@ class Synthesis:
         self.close()
 
     def _teardown(self) -> None:
-        self._torn_down = True
         failed = self._error is not None
-        vm, fs, pipeline = self.vm, self.fs, self.pipeline
         try:
-            if vm is not None:
-                if not failed:
-                    with contextlib.suppress(Exception):
-                        vm.quit(timeout=10)
-                vm.kill()
+            if self.runner is not None:
+                _logged(self.runner.stop, failed)
             _logged(self.source.close)  # wakes a fetch blocked on the network at once
-            if pipeline is not None:
-                _logged(pipeline.close)
-            if fs is not None:
-                if failed:
-                    fs.fail(self._error)
-                if self.spec.trace_out is not None:
-                    _logged(self._write_trace, fs.trace())
-                for key, value in _fs_summary(fs.stats()).items():
-                    self.stats.counters[f"cloudletfs {key}"] = value
-                _logged(fs.unmount)
+            if self.pipeline is not None:
+                _logged(self.pipeline.close)
+            _logged(self.sink.close, self, failed)
             for closing in (self.reader, self._stream):
                 _logged(closing.close)
         finally:
             if self.run_dir is not None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def _write_trace(self, rows: list[dict]) -> None:
-        assert self.spec.trace_out is not None
-        tmp = self.spec.trace_out.with_name(self.spec.trace_out.name + ".partial")
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.spec.trace_out)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -480,14 +615,15 @@ class Synthesis:
                 "error": None if self._error is None else str(self._error),
                 "base_id": self.base.id,
                 "overlay": self.source.url,
-                "early_start": self.spec.early_start,
+                "early_start": self.sink.early,
                 "progress": progress,
                 "stats": self.stats.as_dict(),
             }
             if self._running_at is not None:
                 out["running_after"] = round(self._running_at - self._started_at, 3)
-            if self.fs is not None and not self._torn_down:
-                out["cloudletfs"] = _fs_summary(self.fs.stats())
+            summary = self.sink.summary()
+            if summary is not None:
+                out["cloudletfs"] = summary
             return out
 
 

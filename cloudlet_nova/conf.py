@@ -33,6 +33,14 @@ opts = [
         help="Scheduler weigher cloudlet_nova.weigher.CloudletBaseWeigher: weight of a host "
         "that already caches the base VM of the image being booted (others weigh 0).",
     ),
+    cfg.FloatOpt(
+        "synthesis_timeout",
+        default=1800.0,
+        min=1.0,
+        help="Seconds a spawn from an overlay image may take to synthesize the whole overlay "
+        "(download, verify, apply), and a memory restore may take; past it the spawn fails "
+        "and leaves nothing. A download silent for 60 s fails sooner.",
+    ),
 ]
 
 

@@ -31,10 +31,11 @@ from oslo_config import cfg
 from oslo_log import log as logging
 from oslo_utils import fileutils
 
+from cloudlet.stats import Stats
 from cloudlet_nova import cache as base_cache
 from cloudlet_nova import conf as cloudlet_conf  # noqa: F401  (registers [cloudlet])
-from cloudlet_nova import errors, hardware, rpc, spawn, state
-from cloudlet_nova.glance import GlanceImages
+from cloudlet_nova import errors, hardware, records, rpc, spawn, state
+from cloudlet_nova.glance import CloudletImage, GlanceImages, Kind
 
 LOG = logging.getLogger(__name__)
 CONF = cfg.CONF
@@ -44,6 +45,8 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
         super().__init__(virtapi, read_only)
         self._cache: base_cache.BaseCache | None = None
         self.rpc_server: Any = None
+        # spawns between _create_image and _create_guest: the synthesis record each one adds to
+        self._records: dict[str, records.SynthesisRecord] = {}
 
     @property
     def cache(self) -> base_cache.BaseCache:
@@ -70,6 +73,10 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
             self.rpc_server = None
         super().cleanup_host(host)
 
+    def destroy(self, context, instance, *args, **kwargs):
+        self._records.pop(instance.uuid, None)  # a spawn that failed before its restore
+        return super().destroy(context, instance, *args, **kwargs)
+
     # -- spawn hooks ----------------------------------------------------------------------
 
     def _create_image(self, context, instance, disk_mapping, injection_info=None, suffix="",
@@ -91,15 +98,20 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
         instance_dir = Path(libvirt_utils.get_instance_path(instance))
         created_dir = not instance_dir.exists()
         fileutils.ensure_tree(str(instance_dir))
+        record = records.SynthesisRecord(instance_dir, instance.uuid, instance.project_id,
+                                         image.image_id, _record_kind(image))
         try:
-            spawn.prepare(self.cache, glance, image, instance, instance_dir, self.host_cpu)
-        except BaseException:
+            spawn.prepare(self.cache, glance, image, instance, instance_dir, self.host_cpu,
+                          record.stats)
+        except BaseException as e:
+            record.finish(e)
             # a refused image leaves nothing behind (the build is aborted, not rescheduled)
             if created_dir:
                 shutil.rmtree(instance_dir, ignore_errors=True)
             else:
                 state.path(instance_dir).unlink(missing_ok=True)
             raise
+        self._records[instance.uuid] = record
 
     def _create_and_inject_local_root(self, context, instance, disk_mapping, booted_from_volume,
                                       suffix, disk_images, injection_info, fallback_from_host):
@@ -134,9 +146,16 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
         self.cpu_api.power_up_for_instance(instance)
         lv = libvirt_driver.libvirt
         flags = lv.VIR_DOMAIN_SAVE_PAUSED if pause else lv.VIR_DOMAIN_SAVE_RUNNING
+        # the spawn's record; after a nova-compute restart between the two hooks, none is kept
+        record = self._records.pop(instance.uuid, None)
         try:
-            spawn.restore(self._host.get_connection(), xml, st, instance_dir, flags)
-        except lv.libvirtError as e:
+            spawn.restore(self._host.get_connection(), self.cache, xml, st, instance_dir, flags,
+                          record.stats if record is not None else Stats())
+        except BaseException as e:
+            if record is not None:
+                record.finish(e)
+            if not isinstance(e, lv.libvirtError):
+                raise
             # another host's libvirt would refuse the same snapshot: a fault, not a reschedule
             # (Nova's _create_guest_with_network undefines the domain and removes the disks)
             LOG.error("libvirt refused to restore base %s (image %s) into this instance's "
@@ -147,6 +166,8 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
                 image_id=st.image_id, base=st.base_id[:16], reason=_qemu_reason(str(e))) from e
         st.restore_pending = False  # from now on reboots boot the disk, as for any instance
         state.save(instance_dir, st)
+        if record is not None:
+            record.finish()
         LOG.info("restored %s base %s memory snapshot", st.kind, st.base_id, instance=instance)
         return guest
 
@@ -198,6 +219,10 @@ class CloudletDriver(libvirt_driver.LibvirtDriver):
                 if t.startswith((base_cache.TRAIT_PREFIX, hardware.TRAIT_PREFIX))}
         provider_tree.remove_traits(nodename, *(have - wanted))
         provider_tree.add_traits(nodename, *(wanted - have))
+
+
+def _record_kind(image: CloudletImage) -> str:
+    return "overlay" if image.kind is Kind.OVERLAY else "base"
 
 
 def _qemu_reason(message: str) -> str:

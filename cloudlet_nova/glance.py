@@ -27,7 +27,7 @@ import os
 import queue
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,6 +39,7 @@ from oslo_log import log as logging
 from cloudlet.basevm.identity import is_base_id
 from cloudlet.basevm.store import CONFIG, INITRD, KERNEL, LAYOUT, MEMORY, BaseVM
 from cloudlet.hashing import READ_SIZE
+from cloudlet.sources.glance import GlanceSource
 from cloudlet_nova import errors, hardware
 
 LOG = logging.getLogger(__name__)
@@ -245,6 +246,29 @@ class GlanceImages:
                 "recorded at upload",
             )
         return result
+
+    def overlay_source(self, image: CloudletImage) -> GlanceSource:
+        """The overlay image as the engine reads it, downloaded with this context (the booting
+        user's credentials: Glance decides what they may read)."""
+        return GlanceSource(f"glance://{image.image_id}", self._download_range)
+
+    def _download_range(self, image_id: str, offset: int, length: int | None) -> Iterator[bytes]:
+        """The engine's Glance downloader. Nova's image API downloads whole images, so a range
+        from `offset` > 0 reads and drops the bytes before it: a synthesis into plain images
+        reads its overlay once from byte 0 and never asks for another range."""
+        with self.open(image_id) as stream:
+            while offset > 0:
+                dropped = stream.read(min(offset, READ_SIZE))
+                if not dropped:
+                    return
+                offset -= len(dropped)
+            while length is None or length > 0:
+                block = stream.read(READ_SIZE if length is None else min(length, READ_SIZE))
+                if not block:
+                    return
+                if length is not None:
+                    length -= len(block)
+                yield block
 
     def open(self, image_id: str) -> ImageStream:
         """A sequential reader over the image data, filled by a download thread as it arrives."""

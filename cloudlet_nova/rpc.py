@@ -3,7 +3,8 @@
 Captures and base creation take minutes, longer than any sane RPC timeout, so every operation is
 a short `call` that validates the request, records a task and starts the work in a thread on the
 host; the client then polls `get_task` for progress. Errors found before the work starts (no such
-instance, wrong state, no base) come back as Nova exceptions from the call itself.
+instance, wrong state, no base) come back as Nova exceptions from the call itself. A spawn's
+synthesis statistics are read with `get_synthesis` (cloudlet_nova.records).
 
 The client is what cloudlet-manage uses today and what the REST API will use.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,9 @@ import oslo_messaging as messaging
 from nova import exception
 from nova import rpc as nova_rpc
 from oslo_log import log as logging
+from oslo_utils import uuidutils
 
-from cloudlet_nova import basevm, capture
+from cloudlet_nova import basevm, capture, records
 from cloudlet_nova.objects import (
     CloudletCaptureRequest,
     CloudletCreateBaseRequest,
@@ -77,6 +80,22 @@ class CloudletEndpoint:
         project's task answers None, as an unknown one (Nova's 404 for another's server)."""
         task = self.store.get(task_id)
         return task if task is not None and task.readable_by(ctxt) else None
+
+    def get_synthesis(self, ctxt: Any, instance_uuid: str) -> dict[str, Any] | None:
+        """The synthesis record of the instance's spawn (cloudlet_nova.records), if the caller's
+        project owns the instance (or the caller is an admin); another project's answers None,
+        as one without a record does."""
+        if not uuidutils.is_uuid_like(instance_uuid):
+            return None
+        canonical = str(uuid.UUID(instance_uuid))  # a path component: no other spelling
+        record = records.load(Path(CONF.instances_path) / canonical)
+        if record is None:
+            return None
+        if getattr(ctxt, "is_admin", False) or (
+            record.get("project_id") is not None and record.get("project_id") == ctxt.project_id
+        ):
+            return record
+        return None
 
     def _start(
         self, ctxt: Any, kind: str, task_id: str, job: Any, instance_uuid: str | None
@@ -178,6 +197,10 @@ class CloudletRPCClient:
 
     def get_task(self, ctxt: Any, host: str, task_id: str) -> CloudletTask | None:
         return self._call(ctxt, host, "get_task", task_id=task_id)
+
+    def get_synthesis(self, ctxt: Any, host: str, instance_uuid: str) -> dict[str, Any] | None:
+        """The host's record of an instance's spawn (None: another project's, or none)."""
+        return self._call(ctxt, host, "get_synthesis", instance_uuid=instance_uuid)
 
     def wait(
         self,

@@ -1,7 +1,10 @@
 """What a spawn from a cloudlet image adds to Nova's: base from the cache, synthesis of an
 overlay, and the restore of the memory snapshot into the domain Nova defined.
 
-Early start (resuming before the overlay has fully arrived, through cloudletfs) is not used by
+Both go through the engine's one synthesis path (cloudlet.synthesis): prepare (the overlay from
+Glance with the booting user's context, matched to the base the cache proved), materialize into
+plain images, and resume with the libvirt runner (cloudlet_nova.runner). Early start (a
+cloudletfs sink resumed by the same runner before the overlay has fully arrived) is not used by
 the driver yet: an overlay is synthesized completely, then restored.
 """
 
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nova.virt.libvirt import utils as libvirt_utils
+from oslo_config import cfg
 from oslo_log import log as logging
 from oslo_utils import units
 
@@ -27,19 +31,18 @@ from cloudlet.errors import (
 )
 from cloudlet.errors import WrongBase as EngineWrongBase
 from cloudlet.hypervisor.config import VMConfig
-from cloudlet.memory.libvirt import LibvirtSaveHeader, write_save_file
-from cloudlet.memory.stream import MemoryLayout, emit_stream
-from cloudlet.overlay.apply import apply_overlay
-from cloudlet.overlay.reader import OverlayReader
-from cloudlet.synthesis import check_overlay_fits
-from cloudlet_nova import errors, hardware, state
+from cloudlet.memory.stream import MemoryLayout
+from cloudlet.stats import Stats
+from cloudlet.synthesis import PlainImages, Resumable, SynthesisSpec, prepare_synthesis
+from cloudlet_nova import conf as cloudlet_conf  # noqa: F401  (registers [cloudlet])
+from cloudlet_nova import errors, state
 from cloudlet_nova.cache import BaseCache
 from cloudlet_nova.glance import CloudletImage, GlanceImages, Kind
 from cloudlet_nova.hardware import HostCPU
+from cloudlet_nova.runner import LibvirtRestore
 
 LOG = logging.getLogger(__name__)
-
-SAVE_FILE = "restore.save"
+CONF = cfg.CONF
 _FAULTS: list[tuple[tuple[type[CloudletError], ...], type[errors.CloudletImageUnacceptable]]] = [
     ((EngineWrongBase, ConfigMismatch), errors.WrongBase),
     ((VerificationFailed, CorruptOverlay, TruncatedOverlay), errors.DigestMismatch),
@@ -50,7 +53,7 @@ _FAULTS: list[tuple[tuple[type[CloudletError], ...], type[errors.CloudletImageUn
 
 def prepare(
     cache: BaseCache, glance: GlanceImages, image: CloudletImage, instance: Any,
-    instance_dir: Path, host_cpu: HostCPU,
+    instance_dir: Path, host_cpu: HostCPU, stats: Stats,
 ) -> state.InstanceState:
     """Make the instance's images ready (base cached, overlay synthesized) and record its state.
 
@@ -58,7 +61,8 @@ def prepare(
     that user can read and whose content hashes are proven to hold it (BaseCache.ensure), on
     every boot. The base's CPU must be one this host provides (`host_cpu`): checked before any
     download from what its images announce, then from what the base records. Raises a
-    CloudletImageUnacceptable subclass (an instance fault) on every refusal.
+    CloudletImageUnacceptable subclass (an instance fault) on every refusal. `stats` gets the
+    engine's stages (cloudlet_nova.records), after "fetch base" (the cache's proof or download).
     """  # fmt: skip
     if image.kind is Kind.BASE_MEMORY:
         raise errors.CloudletImageInvalid(
@@ -70,7 +74,8 @@ def prepare(
     disk_image, memory_image = glance.base_images(image)
     announced = disk_image.cpu or image.cpu
     host_cpu.check(image.image_id, announced)
-    base = cache.ensure(glance, disk_image, memory_image)
+    with stats.stage("fetch base"):
+        base = cache.ensure(glance, disk_image, memory_image)
     config = VMConfig.from_dict(base.config)
     if config.cpu != announced:  # the images only announce it: the base's record decides
         host_cpu.check(image.image_id, config.cpu)
@@ -89,46 +94,44 @@ def prepare(
             layout=str(base.memory_layout_path),
         )
     else:
-        st = _synthesize(glance, image, base, state.work_dir(instance_dir))
+        st = _synthesize(cache, glance, image, base, state.work_dir(instance_dir), stats)
     st.cpu = config.cpu
     state.save(instance_dir, st)
     return st
 
 
 def _synthesize(
-    glance: GlanceImages, image: CloudletImage, base: BaseVM, work: Path
+    cache: BaseCache, glance: GlanceImages, image: CloudletImage, base: BaseVM, work: Path,
+    stats: Stats,
 ) -> state.InstanceState:
-    """Stream the overlay from Glance and apply it over the cached base into plain images."""
+    """Synthesize the overlay over the cached base into plain images in `work`, through the
+    engine's one synthesis path: the overlay read from Glance with the booting user's context,
+    its manifest verified, matched to the base the cache proved (`base`), every frame and both
+    result images verified. The libvirt restore (LibvirtRestore) resumes them once Nova has
+    defined the domain."""
     work.mkdir(mode=0o711, exist_ok=True)
-    disk, memory, layout_path = work / "disk.raw", work / "memory.img", work / "memory.layout"
+    layout_path = work / "memory.layout"
+    spec = SynthesisSpec(
+        source=glance.overlay_source(image),
+        sink=PlainImages(work),
+        runner=None,  # the domain does not exist yet: _create_guest restores
+        base=base,
+        timeout=CONF.cloudlet.synthesis_timeout,
+        id=image.image_id,
+    )
     try:
-        with glance.open(image.image_id) as stream, OverlayReader.open(stream) as reader:
-            if reader.base_id != image.base_id or reader.base_id != base.id:
-                raise errors.WrongBase(
-                    image_id=image.image_id,
-                    reason=f"the overlay was made for base {reader.base_id}, its properties "
-                    f"say {image.base_id}",
-                )
-            layout = check_overlay_fits(reader, base)
-            layout_path.write_bytes(layout.to_bytes())
-            applied = apply_overlay(
-                reader,
-                base_disk=base.disk_path,
-                base_disk_digests=base.chunk_index("disk").digests,
-                base_memory=base.memory_path,
-                base_memory_digests=base.chunk_index("memory").digests,
-                out_disk=disk,
-                out_memory=memory,
-                expected_base_id=base.id,
-            )
+        with prepare_synthesis(cache.home, spec, stats) as synth:
+            synth.start()
+            assert synth.images is not None
+            layout_path.write_bytes(synth.layout.to_bytes())
+            disk, memory = synth.images.disk, synth.images.memory
     except CloudletError as e:
         shutil.rmtree(work, ignore_errors=True)
         raise _fault(image.image_id, e) from e
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    LOG.info("synthesized overlay %s over base %s: %d bytes written",
-             image.image_id, base.id, applied.written_bytes)
+    LOG.info("synthesized overlay %s over base %s", image.image_id, base.id)
     return state.InstanceState(
         kind=image.kind.value,
         image_id=image.image_id,
@@ -151,26 +154,28 @@ def create_root_disk(path: Path, st: state.InstanceState, root_gb: int) -> None:
     libvirt_utils.create_image(str(path), "qcow2", size, backing_file=st.disk, safe=True)
 
 
-def restore(conn: Any, xml: str, st: state.InstanceState, instance_dir: Path, flags: int) -> None:
-    """Restore the snapshot into the defined domain: a libvirt save file holding Nova's XML for
-    this instance and the QEMU stream the engine emits, then virDomainRestoreFlags with the same
-    XML (libvirt's ABI check guards the devices; the CPU model, which it does not check, is
-    checked here first). The save file is removed afterwards."""
-    hardware.check_domain_cpu(st.image_id, st.base_id, xml, st.cpu)
+def restore(
+    conn: Any, cache: BaseCache, xml: str, st: state.InstanceState, instance_dir: Path,
+    flags: int, stats: Stats,
+) -> None:
+    """Resume the instance's images (a synthesis's, or the cached base's) into the defined
+    domain with the engine's runner for libvirt. A synthesized memory image is removed
+    afterwards: it is in the guest now."""
+    base = cache.get(st.base_id)
+    if base is None:  # the instance's disk is layered over it: it cannot have been evicted
+        raise errors.CloudletImageUnacceptable(
+            image_id=st.image_id, reason=f"base {st.base_id[:16]} is no longer in the host cache"
+        )
     work = state.work_dir(instance_dir)
-    work.mkdir(mode=0o711, exist_ok=True)
-    save_file = work / SAVE_FILE
-    layout = MemoryLayout.from_bytes(Path(st.layout).read_bytes())
-    try:
-        with open(save_file, "wb") as f:
-            write_save_file(
-                f,
-                LibvirtSaveHeader(xml=xml, was_running=True),
-                lambda out: emit_stream(layout, Path(st.memory), out),
-            )
-        save_file.chmod(0o644)
-        conn.restoreFlags(str(save_file), xml, flags)
-    finally:
-        save_file.unlink(missing_ok=True)
+    images = Resumable(
+        base,
+        disk=Path(st.disk),
+        memory=Path(st.memory),
+        layout=MemoryLayout.from_bytes(Path(st.layout).read_bytes()),
+        work_dir=work,
+    )
+    LibvirtRestore(conn, xml, flags, st.image_id, st.cpu).resume(
+        images, stats, CONF.cloudlet.synthesis_timeout
+    )
     if Path(st.memory).parent == work:  # synthesized: now in the guest, no longer needed
         Path(st.memory).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from cloudlet.cli.remote import add_remote_options, run_remote
 from cloudlet.home import CloudletHome
 from cloudlet.sources import AllowList
 from cloudlet.stats import StageLine, Stats
-from cloudlet.synthesis import SynthesisSpec, synthesize
+from cloudlet.synthesis import MountedImages, PlainImages, QemuRunner, SynthesisSpec, synthesize
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -92,12 +92,11 @@ def _run(home: CloudletHome, args: argparse.Namespace) -> int:
     stats = Stats(listener=StageLine())
     spec = SynthesisSpec(
         source=args.overlay,
-        host=host,
+        sink=MountedImages(trace_out=args.trace_out) if args.early_start else PlainImages(),
+        runner=QemuRunner(host),
         timeout=args.timeout,
-        early_start=args.early_start,
         fetch_deadline=args.fetch_deadline,
         allow=AllowList.any(),  # the user's own command line names the URL
-        trace_out=args.trace_out,
     )
     start = time.monotonic()
     signal.signal(signal.SIGTERM, signal.default_int_handler)

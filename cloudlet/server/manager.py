@@ -30,7 +30,14 @@ from cloudlet.home import CloudletHome
 from cloudlet.hypervisor.qemu import Forward
 from cloudlet.sources import AllowList, StreamSource, scheme_of
 from cloudlet.stats import Stats
-from cloudlet.synthesis import Synthesis, SynthesisSpec, prepare_synthesis
+from cloudlet.synthesis import (
+    MountedImages,
+    PlainImages,
+    QemuRunner,
+    Synthesis,
+    SynthesisSpec,
+    prepare_synthesis,
+)
 from cloudlet.vm import HostOptions
 
 LOG = logging.getLogger(__name__)
@@ -108,9 +115,9 @@ class Job:
         try:
             spec = SynthesisSpec(
                 source=self._source,
-                host=HostOptions(forwards=self.options.forwards),
+                sink=MountedImages() if self.options.early_start else PlainImages(),
+                runner=QemuRunner(HostOptions(forwards=self.options.forwards)),
                 timeout=self._manager.timeout,
-                early_start=self.options.early_start,
                 fetch_deadline=self.options.fetch_deadline,
                 allow=self._manager.allow,
                 id=self.id,  # one id in the server's log and its API

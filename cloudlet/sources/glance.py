@@ -1,9 +1,11 @@
-"""Overlays stored as Glance images ("glance://<image-id>"), through a downloader the Nova side
-registers.
+"""Overlays stored as Glance images ("glance://<image-id>"), through the downloader of the user
+whose request reads them.
 
-The engine has no OpenStack imports, so it cannot talk to Glance itself: the compute host hands
-it a callable `(image_id, offset, length | None) -> Iterator[bytes]` that downloads a byte range
-with the requesting user's credentials (Glance, not our allow-list, decides who may read what).
+The engine has no OpenStack imports, so it cannot talk to Glance itself: the compute host builds
+`GlanceSource(url, downloader)` with a callable `(image_id, offset, length | None) ->
+Iterator[bytes]` that downloads a byte range with the requesting user's credentials (Glance, not
+our allow-list, decides who may read what), and hands the opened source to the synthesis. There
+is no process-wide downloader: a URL alone carries no user, so open_source() refuses it.
 The downloader signals a failure worth retrying from the same byte by raising OSError
 (ConnectionError, TimeoutError); anything else ends the read.
 """
@@ -32,13 +34,6 @@ LOG = logging.getLogger(__name__)
 Downloader = Callable[[str, int, int | None], Iterator[bytes]]
 _IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BUFFER = 1 << 20
-_downloader: Downloader | None = None
-
-
-def register_downloader(downloader: Downloader | None) -> None:
-    """Install (or with None, remove) the Glance downloader used by open_source("glance://...")."""
-    global _downloader
-    _downloader = downloader
 
 
 class _Chunks:
@@ -95,13 +90,11 @@ class GlanceSource(OverlaySource):
     def from_location(
         cls, location: str, *, allow: AllowList | None, timeout: float
     ) -> "GlanceSource":
-        """Glance enforces access with the user's token, so the URL allow-list does not apply."""
-        if _downloader is None:
-            raise SourceError(
-                f"{location}: Glance overlays can only be fetched on a compute host with the "
-                "cloudlet Nova integration (no Glance downloader registered)"
-            )
-        return cls(location, _downloader)
+        """Refused: only a caller holding the user's credentials opens a Glance overlay."""
+        raise SourceError(
+            f"{location}: a Glance overlay is read with the requesting user's credentials: the "
+            "compute host opens it (GlanceSource with that user's downloader), not a URL alone"
+        )
 
     def size(self) -> int | None:
         return self._size

@@ -81,5 +81,8 @@ class Synthesis(resource.Resource):
     progress = resource.Body("progress", type=float)
     error = resource.Body("error")
     server = resource.Body("server", type=dict)
+    # the compute host's per-stage record of the spawn: state, error, started_at, stages (name,
+    # start, end, seconds, bytes, failed; in start order), counters; None when it has none
+    statistics = resource.Body("statistics", type=dict)
     created_at = resource.Body("created_at")
     updated_at = resource.Body("updated_at")

@@ -85,3 +85,23 @@ def real_base(api: API, project: str, seed: int = 5) -> tuple[str, str]:
         )
         cloud.images[memory].update(cloudlet_glance.base_memory_properties(base.id, disk))
         return disk, base.id
+
+
+def synthesis_record(server_id: str, project_id: str) -> dict:
+    """A spawn record as a compute host keeps it (cloudlet_nova.records): stages by name, in the
+    order they were entered (here not the order they started: "apply overlay" overlaps)."""
+    stage = {"seconds": 1.0, "bytes": 0, "failed": False}
+    return {
+        "instance_uuid": server_id, "project_id": project_id, "image_id": "overlay",
+        "kind": "overlay", "state": "running", "error": None,
+        "started_at": "2026-12-08T00:00:00+00:00",
+        "stats": {
+            "stages": {
+                "fetch base": {**stage, "start": 0.0, "end": 0.1},
+                "restore memory": {**stage, "start": 0.9, "end": 1.9},
+                "apply overlay": {**stage, "start": 0.3, "end": 2.5, "bytes": 4096},
+                "open + verify manifest": {**stage, "start": 0.1, "end": 0.3},
+            },
+            "counters": {"frames fetched on demand": 3},
+        },
+    }  # fmt: skip

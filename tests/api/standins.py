@@ -479,7 +479,9 @@ def nova_compute_transport() -> Any:
 
 class ComputeHost:
     """A compute host's cloudlet RPC endpoint on the fake transport: records each request and
-    reports a task for it (the real endpoint is tested in Nova's functional framework)."""
+    reports a task for it, and answers get_synthesis from the spawn records a test sets in
+    `syntheses` with the real endpoint's rule (the record's project, or an admin). The real
+    endpoint and records are tested in Nova's functional framework."""
 
     def __init__(self, transport: Any, host: str = "host1") -> None:
         import oslo_messaging as messaging
@@ -492,6 +494,7 @@ class ComputeHost:
         self.requests: list[tuple[str, Any, Any]] = []
         self.tasks: dict[str, Any] = {}
         self.refuse: dict[str, Exception] = {}  # instance uuid -> what the host raises
+        self.syntheses: dict[str, dict] = {}  # instance uuid -> its spawn record
         target = messaging.Target(topic=TOPIC, server=host, version=RPC_API_VERSION)
         serializer = nova_rpc.RequestContextSerializer(CloudletObjectSerializer())
         self.server = messaging.get_rpc_server(
@@ -519,6 +522,13 @@ class ComputeHost:
 
     def get_task(self, ctxt: Any, task_id: str) -> Any:
         return self.tasks.get(task_id)
+
+    def get_synthesis(self, ctxt: Any, instance_uuid: str) -> dict | None:
+        self.requests.append(("get_synthesis", ctxt, instance_uuid))
+        record = self.syntheses.get(instance_uuid)
+        if record is None or not (ctxt.is_admin or record["project_id"] == ctxt.project_id):
+            return None
+        return record
 
     def stop(self) -> None:
         self.server.stop()

@@ -292,6 +292,38 @@ def test_synthesis_is_a_server_create_from_the_overlay(api: API) -> None:
     assert synthesis["task_id"] in [t["id"] for t in listed]
 
 
+def test_synthesis_statistics_come_from_its_compute_host(api: API) -> None:
+    overlay = objects.overlay(api, PROJECT_A)
+    body = {"overlay_id": overlay, "name": "app1", "flavor_id": "1", "network": "none"}
+    created = api.call("member", "POST", "/syntheses", json=body).json()["synthesis"]
+    assert created["statistics"] is None  # nothing recorded before the host spawned it
+    server_id = created["id"]
+    shown = api.call("reader", "GET", f"/syntheses/{server_id}").json()["synthesis"]
+    assert shown["statistics"] is None  # the host has no record yet
+    api.host.syntheses[server_id] = objects.synthesis_record(server_id, PROJECT_A)
+    shown = api.call("reader", "GET", f"/syntheses/{server_id}").json()["synthesis"]
+    stats = shown["statistics"]
+    assert (stats["state"], stats["error"], stats["started_at"]) == (
+        "running", None, "2026-12-08T00:00:00+00:00"
+    )
+    assert [s["name"] for s in stats["stages"]] == [
+        "fetch base", "open + verify manifest", "apply overlay", "restore memory"
+    ]  # fmt: skip
+    assert stats["stages"][2] == {"name": "apply overlay", "start": 0.3, "end": 2.5,
+                                  "seconds": 1.0, "bytes": 4096, "failed": False}  # fmt: skip
+    assert stats["counters"] == {"frames fetched on demand": 3}
+    # the host was asked in the caller's name (it scopes records to their project)
+    _, ctxt, asked = api.host.requests[-1]
+    assert (asked, ctxt.project_id, ctxt.is_admin) == (server_id, PROJECT_A, False)
+    [row] = [s for s in api.call("reader", "GET", "/syntheses").json()["syntheses"]
+             if s["id"] == server_id]  # fmt: skip
+    assert row["statistics"] == stats
+    # a record of another project (a host answers None to this caller): no statistics
+    api.host.syntheses[server_id] = objects.synthesis_record(server_id, PROJECT_B)
+    shown = api.call("reader", "GET", f"/syntheses/{server_id}").json()["synthesis"]
+    assert shown["statistics"] is None
+
+
 @pytest.mark.parametrize("network", ["none", "auto"])
 def test_synthesis_with_novas_special_networks(api: API, network: str) -> None:
     overlay = objects.overlay(api, PROJECT_A)

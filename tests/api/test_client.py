@@ -237,6 +237,41 @@ def test_cli_capture_and_synthesize_by_name(api: API, cloud: standins.Cloud) -> 
     assert tasks.returncode == 0 and json.loads(tasks.stdout)
 
 
+def test_sdk_and_cli_show_the_hosts_synthesis_statistics(api: API, cloud: standins.Cloud) -> None:
+    _, name = named_overlay(api)
+    synth = cli(
+        api, "member", "synthesize", name, "--flavor", FLAVOR["name"], "--no-network",
+        "--name", "app3", "-f", "json",
+    )  # fmt: skip
+    assert synth.returncode == 0, synth.stderr
+    server_id = json.loads(synth.stdout)["id"]
+    assert json.loads(synth.stdout)["statistics"] is None  # the host has no record yet
+    api.host.syntheses[server_id] = objects.synthesis_record(server_id, PROJECT_A)
+    creds = credentials(api, "reader")
+    conn = register(
+        openstack.connect(
+            auth_url=creds["OS_AUTH_URL"], username=creds["OS_USERNAME"],
+            password=creds["OS_PASSWORD"], project_name=PROJECT_A, user_domain_id="default",
+            project_domain_id="default", region_name="RegionOne",
+        )
+    )  # fmt: skip
+    stats = conn.cloudlet.get_synthesis(server_id).statistics
+    assert [s["name"] for s in stats["stages"]][:2] == ["fetch base", "open + verify manifest"]
+    shown = cli(api, "reader", "synthesis", "show", server_id, "-f", "json")
+    assert json.loads(shown.stdout)["statistics"] == stats
+    table = cli(api, "reader", "synthesis", "show", server_id, "-c", "statistics")
+    assert table.returncode == 0, table.stderr
+    # the value column of the table, one stage a line, in the order the stages started
+    lines = [row.split("|")[2].strip() for row in table.stdout.splitlines() if "|" in row][1:]
+    assert lines[0] == "running since 2026-12-08T00:00:00+00:00"
+    assert [line.split("  ")[0] for line in lines[1:5]] == [
+        "fetch base", "open + verify manifest", "apply overlay", "restore memory"
+    ]  # fmt: skip
+    assert lines[3].split() == ["apply", "overlay", "0.30", "-", "2.50", "s", "1.00", "s",
+                                "4096", "B"]  # fmt: skip
+    assert lines[-1] == "frames fetched on demand: 3"
+
+
 def test_cli_synthesize_without_a_network(api: API, cloud: standins.Cloud) -> None:
     overlay, name = named_overlay(api)
     synth = cli(

@@ -2,10 +2,11 @@
 
 Two models: Westmere, which TCG emulates, and the same model asking for a feature TCG lacks
 (avx512f). The host check refuses the second with libvirt's list of missing features; a real
-guest saved on a pinned Westmere resumes through the Nova driver's restore path
-(cloudlet_nova.spawn.restore) into a domain pinned the same way, and libvirt refuses to resume
-it into a domain with another model. Nova's own functional tests (cloudlet_nova/tests/test_cpu)
-cover the driver and scheduler around these checks with fakelibvirt.
+guest saved on a pinned Westmere resumes through the Nova driver's restore path (the engine's
+runner for Nova, cloudlet_nova.runner.LibvirtRestore) into a domain pinned the same way, and the
+runner refuses to resume it into a domain with another model. Nova's own functional tests
+(cloudlet_nova/tests/test_cpu) cover the driver and scheduler around these checks with
+fakelibvirt.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import os
 import shutil
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
 
-from cloudlet.memory.stream import open_snapshot, parse_stream
+from cloudlet.basevm.store import BaseVM
+from cloudlet.memory.stream import MemoryLayout, open_snapshot, parse_stream
+from cloudlet.stats import Stats
+from cloudlet.synthesis import Resumable
 
 QEMU = shutil.which("qemu-system-x86_64")  # the system's: the one libvirtd runs
 pytestmark = [
@@ -29,8 +34,7 @@ pytestmark = [
 ]
 libvirt = pytest.importorskip("libvirt")
 hardware = pytest.importorskip("cloudlet_nova.hardware")  # the [nova] extra
-spawn = pytest.importorskip("cloudlet_nova.spawn")
-state = pytest.importorskip("cloudlet_nova.state")
+runner = pytest.importorskip("cloudlet_nova.runner")
 
 SAVED_ON = "Westmere"  # TCG emulates it: usable in the domain capabilities
 
@@ -78,6 +82,18 @@ def _domain_xml(name: str, cpu: str) -> str:
     return ElementTree.tostring(root, encoding="unicode")
 
 
+def _restore(conn, xml: str, memory: Path, layout: MemoryLayout, work: Path) -> None:
+    """Resume the saved guest as the driver does: LibvirtRestore with the base's recorded CPU.
+    The libvirt runner reads only the base's id from its record (no base files are needed: a
+    domain without a disk), so the record is one of a base that was never registered."""
+    base = BaseVM(id="0" * 64, name="saved-on-westmere", created=datetime.now(UTC), path=work,
+                  disk_size=0, memory_size=0, disk_digest="", memory_digest="", config={},
+                  files={})  # fmt: skip
+    images = Resumable(base, disk=Path("/dev/null"), memory=memory, layout=layout, work_dir=work)
+    restore = runner.LibvirtRestore(conn, xml, libvirt.VIR_DOMAIN_SAVE_RUNNING, "image", SAVED_ON)
+    restore.resume(images, Stats(), timeout=60)
+
+
 def _wait_running(dom, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
@@ -100,20 +116,14 @@ def test_saved_on_a_pinned_model_resumes_only_into_that_model(libvirtd, tmp_path
         with src:
             assert kind == "libvirt"
             layout = parse_stream(src, tmp_path / "memory.img")
-        (tmp_path / "memory.layout").write_bytes(layout.to_bytes())
-        st = state.InstanceState(
-            kind="base-disk", image_id="image", base_id="0" * 64, disk="",
-            memory=str(tmp_path / "memory.img"), layout=str(tmp_path / "memory.layout"),
-            cpu=SAVED_ON,
-        )  # fmt: skip
+        memory = tmp_path / "memory.img"
         # libvirt itself would resume it on qemu64 without a word: the driver refuses
         for other in ("qemu64", f"{SAVED_ON},+avx512f", f"{SAVED_ON},-sse4.2"):
             with pytest.raises(hardware.errors.RestoreRefused, match=f"saved on {SAVED_ON}"):
-                spawn.restore(conn, _domain_xml(name, other), st, instance_dir,
-                              libvirt.VIR_DOMAIN_SAVE_RUNNING)
+                _restore(conn, _domain_xml(name, other), memory, layout, instance_dir)
             assert name not in conn.listDefinedDomains() + [d.name() for d in
                                                             conn.listAllDomains()]
-        spawn.restore(conn, xml, st, instance_dir, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        _restore(conn, xml, memory, layout, instance_dir)
         dom = conn.lookupByName(name)
         _wait_running(dom)
         live = ElementTree.fromstring(dom.XMLDesc(0)).find("cpu")

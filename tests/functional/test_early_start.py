@@ -19,7 +19,14 @@ from cloudlet.hypervisor.qemu import Forward, free_port
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.sources import AllowList
 from cloudlet.stats import Stats
-from cloudlet.synthesis import SynthesisSpec, prepare_synthesis, synthesize
+from cloudlet.synthesis import (
+    MountedImages,
+    PlainImages,
+    QemuRunner,
+    SynthesisSpec,
+    prepare_synthesis,
+    synthesize,
+)
 from cloudlet.vm import HostOptions
 from tests.functional.conftest import cloudlet, http_get, leftovers
 from tests.rangeserver import RangeServer
@@ -35,10 +42,18 @@ def ranges(overlay: Path):
         yield srv
 
 
-def spec_for(srv: RangeServer, overlay: Path, *ports: tuple[int, int], **kw) -> SynthesisSpec:
+def spec_for(
+    srv: RangeServer,
+    overlay: Path,
+    *ports: tuple[int, int],
+    early_start: bool = True,
+    trace_out: Path | None = None,
+    **kw,
+) -> SynthesisSpec:
     return SynthesisSpec(
         source=srv.url(overlay.name),
-        host=HostOptions([Forward("tcp", host, guest) for host, guest in ports]),
+        sink=MountedImages(trace_out) if early_start else PlainImages(),
+        runner=QemuRunner(HostOptions([Forward("tcp", host, guest) for host, guest in ports])),
         allow=AllowList.parse([srv.url("")]),
         timeout=120,
         **kw,

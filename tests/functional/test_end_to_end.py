@@ -26,7 +26,7 @@ from cloudlet.overlay import format as overlay_format
 from cloudlet.overlay.create import OverlaySpec, build_overlay
 from cloudlet.overlay.reader import OverlayReader
 from cloudlet.stats import Stats
-from cloudlet.synthesis import SynthesisSpec, synthesize
+from cloudlet.synthesis import QemuRunner, SynthesisSpec, synthesize
 from cloudlet.vm import HostOptions, resume_vm
 from tests.functional.conftest import cloudlet, http_get, leftovers
 
@@ -79,11 +79,11 @@ def test_synthesized_guest_continues_the_same_boot(home_b: Path, overlay: Path):
 
     port = free_port()
     spec = SynthesisSpec(
-        source=overlay, host=HostOptions([Forward("tcp", port, 8080)]), timeout=120
+        source=overlay, runner=QemuRunner(HostOptions([Forward("tcp", port, 8080)])), timeout=120
     )
     with synthesize(CloudletHome(home_b), spec, Stats()) as synth:
         recorded = http_get(port).rsplit(":", 1)[1].strip()
-        now = synth.vm.run_in_guest("cat /proc/sys/kernel/random/boot_id", timeout=60)
+        now = synth.runner.vm.run_in_guest("cat /proc/sys/kernel/random/boot_id", timeout=60)
         assert recorded and recorded in now
 
 
@@ -305,6 +305,6 @@ def test_overlay_from_a_libvirt_save_file(home_a: Path, tmp_path: Path):
     with OverlayReader.open(overlay) as reader:
         assert len(reader.chunk_map) == 0 and reader.slot_count == 0
     port = free_port()
-    spec = SynthesisSpec(source=overlay, host=HostOptions([Forward("tcp", port, 80)]))
+    spec = SynthesisSpec(source=overlay, runner=QemuRunner(HostOptions([Forward("tcp", port, 80)])))
     with synthesize(home, spec, Stats()):
         assert http_get(port) == "cloudlet base disk\n"

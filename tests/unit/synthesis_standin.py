@@ -39,7 +39,7 @@ class StandInSynthesis:
         return synth
 
     def start(self) -> None:
-        self.state = "running" if self.spec.early_start else "starting"
+        self.state = "running" if self.spec.sink.early else "starting"
 
     def wait_complete(self, timeout: float) -> None:
         if self.stream is not None:

@@ -101,8 +101,8 @@ def test_push_synthesis_then_close(server, early_start):
         assert "apply overlay" in done["statistics"]["stages"]
         synth = StandInSynthesis.made[-1]
         assert synth.received == len(overlay)
-        assert synth.spec.early_start is early_start
-        assert synth.spec.host.forwards[0].guest_port == 80
+        assert synth.spec.sink.early is early_start
+        assert synth.spec.runner.host.forwards[0].guest_port == 80
         send(sock, {"command": SESSION_CLOSE, "session_id": sid})
         assert recv(sock) == {"command": SUCCESS, "state": "closed"}
         assert recv(sock) is None  # the server closed the connection

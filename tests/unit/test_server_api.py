@@ -258,7 +258,7 @@ def test_upload_create_status_list_delete(serve, chunked):
     assert done["progress"]["bytes_fetched"] == len(payload)
     assert "apply overlay" in done["stats"]["stages"]
     synth = StandInSynthesis.made[-1]
-    assert synth.spec.host.forwards[0].host_port == 8080
+    assert synth.spec.runner.host.forwards[0].host_port == 8080
     assert [s["id"] for s in client.request("GET", "/v1/syntheses")[1]["syntheses"]] == [sid]
     status, _, _ = client.request("DELETE", f"/v1/syntheses/{sid}")
     assert status == 204

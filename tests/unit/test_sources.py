@@ -21,7 +21,7 @@ from cloudlet.sources import (
     scheme_of,
 )
 from cloudlet.sources.file import FileSource
-from cloudlet.sources.glance import GlanceSource, register_downloader
+from cloudlet.sources.glance import GlanceSource
 from cloudlet.sources.http import HttpSource
 from cloudlet.sources.resume import RetryPolicy
 from tests.rangeserver import Faults, RangeServer
@@ -480,20 +480,15 @@ class FakeGlance:
             yield self.data[pos : min(end, pos + 100_000)]
 
 
-def test_glance_needs_a_registered_downloader() -> None:
-    register_downloader(None)
-    with pytest.raises(SourceError, match="no Glance downloader registered"):
+def test_glance_url_alone_is_refused() -> None:
+    """A URL carries no user: only a caller with the user's downloader opens a Glance overlay."""
+    with pytest.raises(SourceError, match="requesting user's credentials"):
         open_source("glance://0f1e2d3c-aaaa-bbbb-cccc-000000000000")
 
 
 def test_glance_source_through_the_downloader(payload: bytes) -> None:
     glance = FakeGlance(payload, fail_at=1_000_000)
-    register_downloader(glance)
-    try:
-        src = open_source("glance://img-1", allow=AllowList.parse([]))
-    finally:
-        register_downloader(None)
-    assert isinstance(src, GlanceSource)
+    src = GlanceSource("glance://img-1", glance)
     with src:
         with src.stream(50) as f:
             assert sha(read_all(f)) == sha(payload[50:])

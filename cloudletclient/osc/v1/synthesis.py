@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cliff import columns
 from openstack import exceptions as sdk_exceptions
 from osc_lib import exceptions
 from osc_lib.command import command
@@ -20,10 +21,42 @@ COLUMNS = (
     "progress",
     "error",
     "server",
+    "statistics",
     "created_at",
     "updated_at",
 )
 LIST_COLUMNS = ("id", "name", "overlay_id", "state", "stage", "progress")
+
+
+class StatisticsColumn(columns.FormattableColumn):
+    """The host's per-stage statistics: one line per stage, in the order they started, with when
+    it started and ended (seconds since the spawn began; stages may overlap) and its bytes."""
+
+    def human_readable(self) -> str:
+        stats = self._value
+        if not stats:
+            return ""
+        head = f"{stats['state']} since {stats['started_at']}"
+        lines = [head + (f": {stats['error']}" if stats.get("error") else "")]
+        width = max([len(s["name"]) for s in stats["stages"]] + [0])
+        for s in stats["stages"]:
+            end = "..." if s["end"] is None else f"{s['end']:.2f}"
+            line = f"{s['name']:<{width}}  {s['start']:7.2f} - {end:>7} s  {s['seconds']:7.2f} s"
+            if s["bytes"]:
+                line += f"  {s['bytes']} B"
+            lines.append(line + ("  FAILED" if s["failed"] else ""))
+        lines += [f"{name}: {value}" for name, value in stats["counters"].items()]
+        return "\n".join(lines)
+
+    def machine_readable(self) -> Any:
+        return self._value
+
+
+def _show(synthesis: Any) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    names, values = common.show(synthesis, COLUMNS)
+    return names, tuple(
+        StatisticsColumn(v) if n == "statistics" else v for n, v in zip(names, values, strict=True)
+    )
 
 
 class Synthesize(command.ShowOne):
@@ -65,7 +98,7 @@ class Synthesize(command.ShowOne):
         if args.wait:
             common.wait(client, synthesis.task_id, args.wait_timeout)
             synthesis = client.get_synthesis(synthesis.id)
-        return common.show(synthesis, COLUMNS)
+        return _show(synthesis)
 
 
 class ListSynthesis(command.Lister):
@@ -76,7 +109,7 @@ class ListSynthesis(command.Lister):
 
 
 class ShowSynthesis(command.ShowOne):
-    """Show a synthesis and its server's state."""
+    """Show a synthesis, its server's state and the stages its compute host recorded."""
 
     def get_parser(self, prog_name: str) -> Any:
         parser = super().get_parser(prog_name)
@@ -84,4 +117,4 @@ class ShowSynthesis(command.ShowOne):
         return parser
 
     def take_action(self, args: Any) -> Any:
-        return common.show(self.app.client_manager.cloudlet.get_synthesis(args.synthesis), COLUMNS)
+        return _show(self.app.client_manager.cloudlet.get_synthesis(args.synthesis))
