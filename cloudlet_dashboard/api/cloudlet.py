@@ -43,12 +43,16 @@ class CloudletError(horizon_exceptions.Conflict):
 
 
 def _service_errors(call: Callable[P, T]) -> Callable[P, T]:
+    """Every SDK or overlay-reading error of `call` as a CloudletError."""
+
     @functools.wraps(call)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return call(*args, **kwargs)
         except sdk_exceptions.HttpException as e:
-            raise CloudletError(service_message(e), e.status_code) from e
+            # the SDK proxy puts the service's errors[0].detail in `message` (`details` holds
+            # only the HTTP reason, "Forbidden")
+            raise CloudletError(e.message, e.status_code) from e
         except (sdk_exceptions.SDKException, EngineError) as e:
             raise CloudletError(str(e)) from e
 
@@ -70,11 +74,6 @@ def client(request: Any) -> Any:
         app_version=importlib.metadata.version("cloudlet"),
     )
     return register(conn).cloudlet
-
-
-def service_message(error: sdk_exceptions.HttpException) -> str:
-    """The service's own explanation of a refusal (its `errors[0].detail`), else the error."""
-    return str(error.details) if error.details else str(error)
 
 
 # -- bases -------------------------------------------------------------------------------

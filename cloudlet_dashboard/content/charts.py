@@ -4,8 +4,10 @@ reader or a test), and the same figures the service reported are what gets drawn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from django.utils.translation import gettext as _
 
 WIDTH = 640  # drawing width of the bars' area, in SVG units
 LABEL_WIDTH = 150
@@ -44,9 +46,16 @@ class Bar:
 
 
 @dataclass
+class Tick:
+    x: float
+    label: str
+
+
+@dataclass
 class Chart:
     bars: list[Bar]
     height: int
+    ticks: list[Tick] = field(default_factory=list)  # a time axis under the bars, if any
     width: int = WIDTH + LABEL_WIDTH + 110
     label_width: int = LABEL_WIDTH
     bar_height: int = BAR_HEIGHT
@@ -54,6 +63,11 @@ class Chart:
     @property
     def label_x(self) -> int:
         return self.label_width - 8
+
+    @property
+    def axis_y(self) -> int:
+        """Where the time axis' labels go: under the last bar."""
+        return len(self.bars) * ROW_HEIGHT
 
 
 def chunk_kinds(chunks: dict[str, int]) -> Chart | None:
@@ -79,36 +93,52 @@ def chunk_kinds(chunks: dict[str, int]) -> Chart | None:
     return Chart(bars, height=len(bars) * ROW_HEIGHT)
 
 
+TICKS = 4  # intervals of the time axis
 STAGE_COLOUR = "#337ab7"
+RUNNING_COLOUR = "#9acfea"
 FAILED_COLOUR = "#d9534f"
 
 
 def timeline(stages: list[dict[str, Any]]) -> Chart | None:
     """One bar per stage from its start to its end (seconds since the synthesis began, as the
-    compute host measured them); overlapping stages overlap on the time axis."""
-    timed = [s for s in stages if s.get("start") is not None and s.get("end") is not None]
-    if not timed:
+    compute host measured them); overlapping stages overlap on the time axis. A stage still
+    running (no end yet) reaches to the latest moment the record knows."""
+    started = [s for s in stages if s.get("start") is not None]
+    if not started:
         return None
-    span = max(float(s["end"]) for s in timed) or 1.0
+    moments = [float(s["start"]) for s in started] + [
+        float(s["end"]) for s in started if s.get("end") is not None
+    ]
+    span = max(moments) or 1.0
     bars = []
-    for i, stage in enumerate(timed):
-        start, end = float(stage["start"]), float(stage["end"])
-        seconds = float(stage.get("seconds") if stage.get("seconds") is not None else end - start)
+    for i, stage in enumerate(started):
+        running = stage.get("end") is None
+        start = float(stage["start"])
+        end = span if running else float(stage["end"])
+        seconds = float(stage.get("seconds") or 0.0)
+        if stage.get("failed"):
+            colour = FAILED_COLOUR
+        else:
+            colour = RUNNING_COLOUR if running else STAGE_COLOUR
         bars.append(
             Bar(
                 label=stage["name"],
                 x=LABEL_WIDTH + WIDTH * start / span,
                 width=max(1.0, WIDTH * (end - start) / span),
                 y=i * ROW_HEIGHT,
-                colour=FAILED_COLOUR if stage.get("failed") else STAGE_COLOUR,
-                text=f"{seconds:.2f} s",
+                colour=colour,
+                text=_("running") if running else f"{seconds:.2f} s",
                 data={
                     "stage": stage["name"],
                     "start": f"{start:.3f}",
-                    "end": f"{end:.3f}",
+                    "end": "" if running else f"{end:.3f}",
                     "seconds": f"{seconds:.3f}",
                     "bytes": stage.get("bytes") or 0,
+                    "running": "true" if running else "false",
                 },
             )
         )
-    return Chart(bars, height=len(bars) * ROW_HEIGHT + ROW_HEIGHT)
+    ticks = [
+        Tick(LABEL_WIDTH + WIDTH * i / TICKS, f"{span * i / TICKS:.2f} s") for i in range(TICKS + 1)
+    ]
+    return Chart(bars, height=len(bars) * ROW_HEIGHT + ROW_HEIGHT, ticks=ticks)

@@ -8,10 +8,13 @@ from typing import Any
 from django.utils.translation import gettext_lazy as _
 from horizon import exceptions
 from openstack_dashboard import api
+from openstack_dashboard.api import _nova
 
 # Nova's special network values, beside the project's networks
 AUTO_NETWORK = "auto"
 NO_NETWORK = "none"
+# how Horizon's api.nova.server_create spells Nova's automatic allocation
+HORIZON_AUTO_ALLOCATE = "__auto_allocate__"
 
 
 def active_server_choices(request: Any) -> list[tuple[str, str]]:
@@ -56,3 +59,24 @@ def network_choices(request: Any) -> list[tuple[str, str]]:
         exceptions.handle(request, _("Unable to retrieve networks."))
         return choices
     return [(n.id, n.name_or_id) for n in networks] + choices
+
+
+def launch(request: Any, name: str, image_id: str, flavor_id: str, network: str) -> Any:
+    """Boot `image_id` with Nova as the user. `network`: a network id, AUTO_NETWORK or
+    NO_NETWORK. Horizon's server_create takes a list of NICs only, so a server without a
+    network is created through Horizon's novaclient at the microversion that knows "none"."""
+    if network == NO_NETWORK:
+        version = api.nova.get_microversion(request, "auto_allocated_network")
+        client = _nova.novaclient(request, version=version)
+        return client.servers.create(name, image_id, flavor_id, nics=NO_NETWORK)
+    net_id = HORIZON_AUTO_ALLOCATE if network == AUTO_NETWORK else network
+    return api.nova.server_create(
+        request,
+        name,
+        image_id,
+        flavor_id,
+        key_name=None,
+        user_data=None,
+        security_groups=None,
+        nics=[{"net-id": net_id}],
+    )

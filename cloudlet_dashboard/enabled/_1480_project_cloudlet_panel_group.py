@@ -1,6 +1,5 @@
-"""Project -> Cloudlet: the panel group (Horizon's enabled-file convention)."""
-
-from openstack_dashboard import exceptions
+"""Project -> Cloudlet: the panel group (Horizon's enabled-file convention), the plugin's app
+(templates, static files) and its scripts: the upload progress bar, the live synthesis page."""
 
 PANEL_GROUP = "cloudlet"
 PANEL_GROUP_NAME = "Cloudlet"
@@ -8,9 +7,3 @@ PANEL_GROUP_DASHBOARD = "project"
 
 ADD_INSTALLED_APPS = ["cloudlet_dashboard"]
 ADD_JS_FILES = ["cloudlet/js/cloudlet.upload.js", "cloudlet/js/cloudlet.refresh.js"]
-ADD_EXCEPTIONS = {
-    "recoverable": exceptions.RECOVERABLE,
-    "not_found": exceptions.NOT_FOUND,
-    "unauthorized": exceptions.UNAUTHORIZED,
-}
-AUTO_DISCOVER_STATIC_FILES = False

@@ -7,6 +7,7 @@ from unittest import mock
 
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
+from novaclient import exceptions as nova_exceptions
 
 from cloudlet_dashboard.api import cloudlet
 from cloudlet_dashboard.test import helpers
@@ -167,9 +168,17 @@ class ImportFormTests(helpers.TestCase):
         self.assertEqual(sent, [(b"PACKAGE" * 100, 700, "web", False)])
 
     def test_url(self) -> None:
-        by_url = self.patch_api("base_import_url", return_value=helpers.task(name="web"))
-        res = self.client.post(IMPORT_URL, {"url": "https://bases.example.com/web.cbase"})
-        self.assertNoFormErrors(res)
+        by_url = self.patch_api("base_import_url", return_value=helpers.task(name=None))
+        self.patch_api("base_list", return_value=[])
+        self.patch_api("task_list", return_value=[])
+        res = self.client.post(
+            IMPORT_URL, {"url": "https://bases.example.com/web.cbase"}, follow=True
+        )
+        self.assertEqual(res.redirect_chain, [(INDEX_URL, 302)])
+        self.assertEqual(
+            [str(m) for m in res.context["messages"]],
+            ['Importing "https://bases.example.com/web.cbase": the table shows its progress.'],
+        )
         by_url.assert_called_once_with(mock.ANY, "https://bases.example.com/web.cbase", None, False)
 
     def test_neither_or_both_is_refused(self) -> None:
@@ -258,8 +267,32 @@ class CreateAndLaunchFormTests(helpers.TestCase):
             security_groups=None,
             nics=[{"net-id": network.id}],
         )
+        self.client.post(url, {"name": "vm", "flavor": flavor.id, "network": "auto"})
+        self.assertEqual(create.call_args.kwargs["nics"], [{"net-id": "__auto_allocate__"}])
+
+    def test_launch_without_a_network(self) -> None:
+        web, create = self.launch_mocks()
+        flavor = self.flavors.first()
+        novaclient = mock.patch("openstack_dashboard.api._nova.novaclient").start()
+        mock.patch("openstack_dashboard.api.nova.get_microversion", return_value="2.67").start()
+        novaclient.return_value.servers.create.return_value = self.servers.first()
+        url = reverse("horizon:project:cloudlet_bases:launch", args=[web.id])
         res = self.client.post(url, {"name": "vm", "flavor": flavor.id, "network": "none"})
-        self.assertEqual(create.call_args.kwargs["nics"], "none")
+        self.assertNoFormErrors(res)
+        novaclient.assert_called_once_with(mock.ANY, version="2.67")
+        novaclient.return_value.servers.create.assert_called_once_with(
+            "vm", web.id, flavor.id, nics="none"
+        )
+        create.assert_not_called()
+
+    def test_nova_refusal_keeps_the_form_with_novas_message(self) -> None:
+        web, create = self.launch_mocks()
+        create.side_effect = nova_exceptions.Forbidden(403, "Quota exceeded for instances")
+        url = reverse("horizon:project:cloudlet_bases:launch", args=[web.id])
+        res = self.client.post(
+            url, {"name": "vm", "flavor": self.flavors.first().id, "network": "auto"}
+        )
+        self.assertContains(res, "Nova refused to launch the instance: Quota exceeded")
 
     def test_launch_needs_a_known_flavor(self) -> None:
         web, create = self.launch_mocks()

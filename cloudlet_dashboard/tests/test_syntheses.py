@@ -110,6 +110,9 @@ class SynthesisDetailTests(helpers.TestCase):
         fetch, apply, restore = timeline.bars
         self.assertLess(apply.x, fetch.end)
         self.assertAlmostEqual(restore.end, timeline.label_width + 640)
+        self.assertEqual(
+            [t.label for t in timeline.ticks], ["0.00 s", "0.81 s", "1.62 s", "2.44 s", "3.25 s"]
+        )
         self.assertContains(res, 'id="synthesis-early-start"')
         self.assertContains(res, "frames fetched on demand")
         self.assertNotContains(res, "data-cloudlet-refresh")
@@ -125,8 +128,51 @@ class SynthesisDetailTests(helpers.TestCase):
         synthesis = helpers.synthesis(state="running")
         synthesis.statistics = statistics(state="running", stages=[], counters={})
         res = self.detail(synthesis)
-        self.assertContains(res, "No stage has finished yet")
+        self.assertContains(res, "No stage has started yet")
         self.assertNotContains(res, "<svg")
+
+    def test_a_running_stage_reaches_to_the_latest_moment(self) -> None:
+        synthesis = helpers.synthesis(state="running")
+        synthesis.statistics = statistics(
+            state="running",
+            stages=[
+                {
+                    "name": "fetch base",
+                    "start": 0.0,
+                    "end": 0.5,
+                    "seconds": 0.5,
+                    "bytes": 0,
+                    "failed": False,
+                },
+                {
+                    "name": "apply overlay",
+                    "start": 0.75,
+                    "end": None,
+                    "seconds": 0.0,
+                    "bytes": 0,
+                    "failed": False,
+                },
+                {
+                    "name": "open + verify manifest",
+                    "start": 0.8,
+                    "end": None,
+                    "seconds": 0.0,
+                    "bytes": 0,
+                    "failed": False,
+                },
+            ],
+        )
+        res = self.detail(synthesis)
+        self.assertContains(
+            res, 'data-stage="apply overlay" data-start="0.750" data-end="" data-seconds="0.000"'
+        )
+        fetch, apply, verify = res.context["timeline"].bars
+        right = res.context["timeline"].label_width + 640  # the latest moment known: 0.8 s
+        self.assertAlmostEqual(apply.end, right)
+        self.assertAlmostEqual(verify.end, right + 1)  # started just now: a 1-unit sliver
+        self.assertAlmostEqual(fetch.end, res.context["timeline"].label_width + 640 * 0.5 / 0.8)
+        self.assertContains(res, "running</text>")
+        self.assertContains(res, 'data-cloudlet-refresh="5000"')
 
     def test_failure_shows_the_hosts_message(self) -> None:
         synthesis = helpers.synthesis(state="failed", error="no usable base memory image")

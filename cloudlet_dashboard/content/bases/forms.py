@@ -4,7 +4,7 @@ from typing import Any
 
 from django.utils.translation import gettext_lazy as _
 from horizon import forms, messages
-from openstack_dashboard import api
+from novaclient import exceptions as nova_exceptions
 
 from cloudlet_dashboard.api import cloudlet
 from cloudlet_dashboard.content import instances
@@ -21,6 +21,7 @@ class ImportBaseForm(forms.SelfHandlingForm):
     url = forms.URLField(
         label=_("or Package URL"),
         required=False,
+        assume_scheme="https",
         help_text=_("An http(s) URL the service fetches (it only accepts allowed sites)."),
     )
     name = forms.CharField(
@@ -38,19 +39,18 @@ class ImportBaseForm(forms.SelfHandlingForm):
 
     def handle(self, request: Any, data: dict[str, Any]) -> bool:
         name = data.get("name") or None
+        package = data.get("package")
         try:
-            if data.get("package"):
-                upload = data["package"]
-                upload.seek(0)
-                task = cloudlet.base_import_upload(request, upload, upload.size, name, False)
+            if package:
+                package.seek(0)
+                task = cloudlet.base_import_upload(request, package, package.size, name, False)
             else:
                 task = cloudlet.base_import_url(request, data["url"], name, False)
         except cloudlet.CloudletError as e:
             self.api_error(_("The service refused the package: %s") % e)
             return False
-        messages.success(
-            request, _('Importing "%s": the table shows its progress.') % (task.name or name)
-        )
+        what = task.name or name or (package.name if package else data["url"])
+        messages.success(request, _('Importing "%s": the table shows its progress.') % what)
         return True
 
 
@@ -89,25 +89,11 @@ class LaunchForm(forms.SelfHandlingForm):
         self.fields["network"].choices = instances.network_choices(request)
 
     def handle(self, request: Any, data: dict[str, Any]) -> Any:
-        base_id = self.initial["base_id"]
-        network = data["network"]
-        nics: Any = (
-            network
-            if network in (instances.AUTO_NETWORK, instances.NO_NETWORK)
-            else [{"net-id": network}]
-        )
         try:
-            server = api.nova.server_create(
-                request,
-                data["name"],
-                base_id,
-                data["flavor"],
-                key_name=None,
-                user_data=None,
-                security_groups=None,
-                nics=nics,
+            server = instances.launch(
+                request, data["name"], self.initial["base_id"], data["flavor"], data["network"]
             )
-        except Exception as e:
+        except nova_exceptions.ClientException as e:
             self.api_error(_("Nova refused to launch the instance: %s") % e)
             return False
         messages.success(request, _('Launching "%s" from the base VM.') % data["name"])
