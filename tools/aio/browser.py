@@ -127,14 +127,34 @@ class Browser:
                   and self.find(".context-project, #tenant-selector, .navbar"), 60)
 
     def fill(self, values: dict[str, str]) -> None:
-        """Form fields by name: text inputs typed, selects chosen by value."""
+        """Form fields by name: text typed; a choice picked from Horizon's themable dropdown (its
+        <select> is hidden behind it) or from a plain <select>."""
         for name, value in values.items():
-            field = self.wait(f"form field {name!r}", lambda n=name: self.find(f"[name={n}]"), 30)
-            if field.tag_name == "select":
-                Select(field).select_by_value(value)
-            else:
+            field = self.wait(f"form field {name!r}", lambda n=name: self.field(n), 30)
+            if field.tag_name != "select":
                 field.clear()
                 field.send_keys(value)
+            elif field.is_displayed():
+                Select(field).select_by_value(value)
+            else:
+                menu = field.find_element(
+                    By.XPATH, "./ancestor::div[contains(@class, 'themable-select')]")
+                menu.find_element(By.CSS_SELECTOR, "button.dropdown-toggle").click()
+                choice = self.wait(f"choice {value!r} of {name!r}", lambda m=menu, v=value: [
+                    a for a in m.find_elements(By.CSS_SELECTOR, f"a[data-select-value='{v}']")
+                    if a.is_displayed()], 10)
+                choice[0].click()
+            if field.get_attribute("value") != value:
+                raise self.fail(f"form field {name!r} holds {field.get_attribute('value')!r}, "
+                                f"not {value!r}")
+
+    def field(self, name: str) -> WebElement | None:
+        """The form's field NAME (in the modal if one is open), shown or behind a widget."""
+        for scope in (".modal ", ""):
+            found = self.driver.find_elements(By.CSS_SELECTOR, f"{scope}[name={name}]")
+            if found:
+                return found[0]
+        return None
 
     def submit(self) -> None:
         button = self.wait("the form's submit button", lambda: self.find(
@@ -204,8 +224,8 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
 
     # launch an instance from it: flavor preselected from the base's memory size
     b.open(b.row_action("bases", base, "launch").removeprefix(b.url))
-    flavor = b.wait("the launch form", lambda: b.find("[name=flavor]"), 60)
-    if not Select(flavor).first_selected_option.get_attribute("value"):
+    flavor = b.wait("the launch form", lambda: b.field("flavor"), 60)
+    if not flavor.get_attribute("value"):
         raise b.fail("the launch form preselects no flavor")
     b.fill({"name": f"browser-vm-{run}", "network": "none"})
     b.shot("04-demo-launch-form")
@@ -237,7 +257,7 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
     # synthesize it: the synthesis page, ACTIVE, the timeline with real numbers
     b.open("/project/cloudlet_overlays/")
     b.open(b.row_action("overlays", overlay, "synthesize").removeprefix(b.url))
-    b.wait("the synthesize form", lambda: b.find("[name=flavor]"), 60)
+    b.wait("the synthesize form", lambda: b.field("flavor"), 60)
     b.fill({"name": f"browser-app1-{run}", "flavor": flavor_value(b), "network": "none"})
     t0 = time.monotonic()
     b.submit()
@@ -328,7 +348,7 @@ def fill_overlays(overlay: str, run: str, rows: int) -> int:
 def flavor_value(b: Browser) -> str:
     """The value of e2e.sh's flavor in the form's flavor choices."""
     for option in b.driver.find_elements(By.CSS_SELECTOR, "[name=flavor] option"):
-        if option.text.strip().startswith(FLAVOR):
+        if option.get_attribute("textContent").strip().startswith(FLAVOR):
             return option.get_attribute("value")
     raise b.fail(f"no flavor {FLAVOR} to choose")
 
