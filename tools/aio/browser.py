@@ -161,10 +161,11 @@ class Browser:
             ".modal-footer [type=submit], form [type=submit].btn-primary"), 30)
         button.click()
 
-    def row(self, table: str, text: str) -> WebElement | None:
-        """The row of TABLE whose text contains TEXT (Horizon's rows: <table id>__row__<id>)."""
+    def row(self, table: str, text: str, status: str = "") -> WebElement | None:
+        """The first row of TABLE whose text contains TEXT and STATUS (Horizon's rows:
+        <table id>__row__<id>)."""
         for tr in self.driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr"):
-            if text in tr.text and tr.get_attribute("id"):
+            if text in tr.text and status in tr.text and tr.get_attribute("id"):
                 return tr
         return None
 
@@ -190,13 +191,12 @@ class Browser:
             " return t.loadEventEnd - t.startTime;"))
 
 
-def row_has(b: Browser, table: str, text: str, status: str) -> WebElement | None:
-    tr = b.row(table, text)
-    if tr is None:
-        return None
-    if "Error" in tr.text:
-        raise b.fail(f"row {text!r} of {table} is in error: {tr.text!r}")
-    return tr if status in tr.text else None
+def row_has(b: Browser, table: str, text: str, status: str, name: str) -> WebElement | None:
+    """The row of TABLE with TEXT in STATUS; fails at once if the row named NAME is in error."""
+    failed = b.row(table, name, "Error")
+    if failed is not None:
+        raise b.fail(f"row {name!r} of {table} is in error: {failed.text!r}")
+    return b.row(table, text, status)
 
 
 def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
@@ -216,11 +216,16 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
     b.submit()
     b.wait("the upload's progress bar or the table", lambda: b.find(".modal .progress, #bases"), 60)
     b.shot("02-demo-base-import-progress")
-    b.wait(f"base browser-base-{run} Active in Base VMs", lambda: row_has(
-        b, "bases", f"browser-base-{run}", "Active"), 900, reload=True, every=3)
+    # the row of the package's base: named browser-base-<run>, or the name it has from an
+    # earlier import of the same package on this stack (an import of a base id already in the
+    # project publishes nothing new)
+    base_id = package_base_id(package)
+    b.wait(f"base {base_id[:12]} (browser-base-{run}) Active in Base VMs", lambda: row_has(
+        b, "bases", base_id[:12], "Active", f"browser-base-{run}"), 900, reload=True, every=3)
     times["import (upload, verify, publish)"] = time.monotonic() - t0
     b.shot("03-demo-bases")
-    base = b.row_id("bases", f"browser-base-{run}")
+    base = b.row(table="bases", text=base_id[:12], status="Active").get_attribute("id").split(
+        "__row__", 1)[1]
 
     # launch an instance from it: flavor preselected from the base's memory size
     b.open(b.row_action("bases", base, "launch").removeprefix(b.url))
@@ -234,7 +239,8 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
     b.wait("the form to leave", lambda: "/launch/" not in b.driver.current_url, 120)
     b.open("/project/instances/")
     b.wait(f"instance browser-vm-{run} Active", lambda: row_has(
-        b, "instances", f"browser-vm-{run}", "Active"), 600, reload=True, every=3)
+        b, "instances", f"browser-vm-{run}", "Active", f"browser-vm-{run}"),
+           600, reload=True, every=3)
     times["launch from the base -> Active"] = time.monotonic() - t0
     b.shot("05-demo-instances")
     server = b.row_id("instances", f"browser-vm-{run}")
@@ -247,7 +253,8 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
     b.wait("the form to leave", lambda: "/create/" not in b.driver.current_url, 120)
     b.open("/project/cloudlet_overlays/")
     b.wait(f"overlay browser-app-{run} Active in Overlays", lambda: row_has(
-        b, "overlays", f"browser-app-{run}", "Active"), 900, reload=True, every=3)
+        b, "overlays", f"browser-app-{run}", "Active", f"browser-app-{run}"),
+           900, reload=True, every=3)
     times["create overlay -> Active"] = time.monotonic() - t0
     b.shot("06-demo-overlays")
     overlay = b.row_id("overlays", f"browser-app-{run}")
@@ -318,6 +325,21 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
         if f"-{run}" in b.driver.page_source:
             raise b.fail(f"alt_demo opened demo's {what} at {path}")
     return times
+
+
+def package_base_id(package: Path) -> str:
+    """The base id a .cbase package's manifest names (a zstd-compressed tar)."""
+    import json
+    import tarfile
+
+    import zstandard
+
+    with package.open("rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as z, \
+            tarfile.open(fileobj=z, mode="r|") as tar:
+        for member in tar:
+            if member.name == "manifest.json":
+                return json.loads(tar.extractfile(member).read())["base_id"]
+    raise Failure(f"{package} has no manifest.json")
 
 
 def fill_overlays(overlay: str, run: str, rows: int) -> int:
