@@ -116,7 +116,6 @@ class Browser:
         return found[0] if found else None
 
     def login(self, user: str) -> None:
-        self.driver.delete_all_cookies()
         self.open("/auth/login/")
         self.wait("the login form", lambda: self.find("#id_username"), 60)
         self.find("#id_username").send_keys(user)
@@ -124,7 +123,7 @@ class Browser:
         self.find("#loginBtn").click()
         self.wait(f"{user} logged in (the project menu)",
                   lambda: "/auth/login" not in self.driver.current_url
-                  and self.find(".context-project, #tenant-selector, .navbar"), 60)
+                  and (bar := self.find(".navbar")) and user in bar.text, 60)
 
     def fill(self, values: dict[str, str]) -> None:
         """Form fields by name: text typed; a choice picked from Horizon's themable dropdown (its
@@ -199,8 +198,9 @@ def row_has(b: Browser, table: str, text: str, status: str, name: str) -> WebEle
     return b.row(table, text, status)
 
 
-def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
-    """The member of demo's flow; returns its timings (seconds) and page loads (ms)."""
+def flow(b: Browser, package: Path, run: str) -> tuple[dict[str, float], dict[str, str], str]:
+    """The member of demo's flow; returns its timings (seconds), the ids of what it made and
+    the synthesis page's path."""
     times: dict[str, float] = {}
     b.login("demo")
     b.open("/project/")
@@ -270,9 +270,24 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
     b.submit()
     b.wait("the synthesis page", lambda: "/cloudlet_syntheses/" in b.driver.current_url, 120)
     synthesis_url = b.driver.current_url.removeprefix(b.url)
-    b.wait("the synthesis Active", lambda: (state := b.find("#synthesis-state"))
-           and state.text.strip() == "Active", 600, reload=True, every=1)
+    b.wait("the synthesized server ACTIVE", lambda: server_status(b) == "ACTIVE", 600,
+           reload=True, every=1)
     times["Synthesize -> ACTIVE (in the browser)"] = time.monotonic() - t0
+    check_synthesis(b, run)
+    page_loads(b, overlay, run)
+    return times, {"base": base, "server": server, "overlay": overlay}, synthesis_url
+
+
+def server_status(b: Browser) -> str | None:
+    """The synthesis page's "Server status" (Nova's status of the synthesized server)."""
+    for dt in b.driver.find_elements(By.CSS_SELECTOR, ".detail dt"):
+        if dt.text.strip() == "Server status":
+            return dt.find_element(By.XPATH, "following-sibling::dd[1]").text.split()[0]
+    return None
+
+
+def check_synthesis(b: Browser, run: str) -> None:
+    """The synthesis page's timeline: >= 1 stage bar with a numeric duration, shown."""
     bars = b.wait("the timeline chart with >= 1 stage bar", lambda: b.driver.find_elements(
         By.CSS_SELECTOR, "#synthesis-timeline .stage-bar"), 180, reload=True, every=2)
     seconds = [bar.get_attribute("data-seconds") for bar in bars]
@@ -290,6 +305,9 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
         "syntheses", f"browser-app1-{run}"), 60)
     b.shot("09-demo-syntheses")
 
+
+def page_loads(b: Browser, overlay: str, run: str) -> None:
+    """Median of 10 full page loads of each table (Overlays filled to 20 rows)."""
     copies = fill_overlays(overlay, run, 20)
     print(f"browser: {copies} more overlay images (copies of browser-app-{run}'s file and "
           "properties) for a 20-row Overlays table")
@@ -304,8 +322,11 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
         print(f"browser: page load {name}: median of 10 {statistics.median(loads):.0f} ms "
               f"(min {min(loads):.0f}, max {max(loads):.0f}) with {rows} rows")
 
-    # a member of another project sees none of it
-    mine = {"base": base, "server": server, "overlay": overlay}
+
+
+def others_see_nothing(b: Browser, run: str, mine: dict[str, str], synthesis_url: str) -> None:
+    """A member of another project sees none of demo's objects, in tables or at their URLs."""
+    overlay = mine["overlay"]
     b.login("alt_demo")
     for n, (name, path) in enumerate((("bases", "/project/cloudlet_bases/"),
                                       ("overlays", "/project/cloudlet_overlays/"),
@@ -324,7 +345,6 @@ def flow(b: Browser, package: Path, run: str) -> dict[str, float]:
         b.shot(f"14-alt_demo-{what}-detail-url")
         if f"-{run}" in b.driver.page_source:
             raise b.fail(f"alt_demo opened demo's {what} at {path}")
-    return times
 
 
 def package_base_id(package: Path) -> str:
@@ -389,14 +409,21 @@ def main() -> int:
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
     t0 = time.monotonic()
-    b = Browser(args.url, shots)
+    run = time.strftime("%H%M%S")
     try:
-        times = flow(b, args.package, time.strftime("%H%M%S"))
+        b = Browser(args.url, shots)
+        try:
+            times, mine, synthesis_url = flow(b, args.package, run)
+        finally:
+            b.close()
+        b = Browser(args.url, shots)  # a new profile: nothing of demo's session left
+        try:
+            others_see_nothing(b, run, mine, synthesis_url)
+        finally:
+            b.close()
     except Failure as e:
         print(f"browser: FAILED: {e}", file=sys.stderr)
         return 1
-    finally:
-        b.close()
     for what, seconds in times.items():
         print(f"browser: {what}: {seconds:.1f} s")
     print(f"browser: PASSED in {time.monotonic() - t0:.0f} s; screenshots in {shots}")
