@@ -2,6 +2,8 @@
 # Install what the all-in-one needs (Debian packages + its own venv); idempotent: a stamp holds
 # the hash of the inputs, including the path of this checkout (the venv's editable install of
 # cloudlet points at it), and nothing is done when it matches. Never touches the project's .venv.
+# Includes Horizon (the checkout's `dashboard` extra) and, for tools/aio/browser.py, Debian's
+# chromium + chromium-driver and selenium.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -33,7 +35,7 @@ fi
 step "apt packages"
 [ -x "$V/python" ] || python3 -m venv "$AIO_VENV"
 "$V/pip" install -q --upgrade pip
-"$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "$AIO_REPO[nova,api,client,dashboard]"
+"$V/pip" install -q -c "$CONSTRAINTS" "${PIP_PACKAGES[@]}" -e "${AIO_REPO}[nova,api,client,dashboard]"
 step "pip install (venv $AIO_VENV)"
 installed=$(cd / && "$V/python" -c 'import cloudlet_nova, os
 print(os.path.dirname(os.path.dirname(cloudlet_nova.__file__)))')
