@@ -119,8 +119,9 @@ def _kvm_usable() -> bool:
 
 
 def guest_devices(cfg: VMConfig) -> list[str]:
-    """The QEMU device types build_command gives a VM of `cfg`."""
-    devices = [NIC_DEVICES.get(cfg.nic_model, cfg.nic_model)]
+    """The QEMU device types a VM of `cfg` has (build_command's, or Nova's domain: nic_model
+    "none" is a Nova server booted without a network, which has no NIC)."""
+    devices = [] if cfg.nic_model == "none" else [NIC_DEVICES.get(cfg.nic_model, cfg.nic_model)]
     devices.append({"virtio": "virtio-blk-pci", "ide": "ide-hd"}.get(cfg.disk_bus, cfg.disk_bus))
     if cfg.balloon:
         devices.append("virtio-balloon-pci")

@@ -4,6 +4,7 @@ import pytest
 
 from cloudlet.errors import ConfigMismatch, HypervisorError
 from cloudlet.hypervisor.config import VMConfig, resolve_machine
+from cloudlet.hypervisor.qemu import guest_devices
 
 
 def make(**kw) -> VMConfig:
@@ -93,3 +94,11 @@ def test_display_is_guest_hardware(tmp_path):
         VMConfig.from_dict(
             {**VMConfig(machine="pc-i440fx-7.2", memory_mib=1).to_dict(), "display": "cinema"}
         )
+
+
+def test_a_base_without_network_needs_no_nic_device():
+    """A Nova server booted with --nic none records nic_model "none" (cloudlet_nova.basevm):
+    importing its base must not ask this host's QEMU for a device called "none"."""
+    assert guest_devices(make(nic_model="none", balloon=False)) == ["virtio-blk-pci"]
+    assert guest_devices(make(nic_model="virtio", balloon=True)) == [
+        "virtio-net-pci", "virtio-blk-pci", "virtio-balloon-pci"]

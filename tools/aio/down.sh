@@ -5,7 +5,7 @@
 . "$(dirname "$0")/lib.sh"
 . "$AIO_TOOLS/services.sh"
 rm -f "$A/state/stack"
-for s in nova-compute nova-conductor nova-scheduler neutron-standin cloudlet-api nova-api glance placement \
+for s in horizon nova-compute nova-conductor nova-scheduler neutron-standin cloudlet-api nova-api glance placement \
          keystone; do
     stop_service "$s"
 done

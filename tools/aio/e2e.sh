@@ -232,6 +232,10 @@ BASE_IMAGE=${BASE[0]:-}; BASE_MEMORY=${BASE[2]:-}
 [ "$($O server show vm0 -f value -c status)" = ACTIVE ] || die "vm0 is not ACTIVE after base create"
 echo "aio: base ${BASE[1]}: disk image $BASE_IMAGE, memory image $BASE_MEMORY"
 step "CLI: cloudlet base create vm0 --wait"
+# a package of this Nova-made base (resumable by Nova): the browser flow (browser.py) imports it
+$O cloudlet base export e2e-base --file "$E/e2e-base.cbase"
+[ -s "$E/e2e-base.cbase" ] || die "base export wrote nothing"
+step "CLI: cloudlet base export e2e-base ($(du -m "$E/e2e-base.cbase" | cut -f1) MiB)"
 refused_to_b "$BASE_IMAGE" "$BASE_MEMORY"
 step "A's base images: project B cannot see or boot them"
 # B's own images labelled with A's base (cached on the host since base create): by A's memory

@@ -2,7 +2,7 @@
 # Restart services of a running all-in-one, keeping its data:
 #   tools/aio/restart.sh nova-compute [glance ...]
 # Services: postgres rabbitmq libvirtd keystone placement glance nova-api cloudlet-api
-# neutron-standin nova-conductor nova-scheduler nova-compute (libvirtd only if up.sh started it:
+# neutron-standin nova-conductor nova-scheduler nova-compute horizon (libvirtd only if up.sh started it:
 # another user of this machine may own the running one). tools/aio/up.sh starts whatever is not running.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"

@@ -5,7 +5,7 @@
 A=$AIO_DIR
 # the order up.sh starts them in (down.sh stops them in reverse)
 SERVICES=(postgres rabbitmq libvirtd keystone placement glance nova-api cloudlet-api
-          neutron-standin nova-conductor nova-scheduler nova-compute)
+          neutron-standin nova-conductor nova-scheduler nova-compute horizon)
 # shellcheck disable=SC2034  # PSQL, NM: for up.sh and restart.sh
 PSQL="$PG_BIN/psql -h 127.0.0.1 -U postgres -q"
 # shellcheck disable=SC2034
@@ -67,6 +67,36 @@ uwsgi_start() {  # NAME PORT MODULE ENV=VALUE...
     die "$name did not answer on port $port within 60 s (see $A/logs/$name-uwsgi.log)"
 }
 
+horizon_prepare() {  # the plugin's enabled files, settings, policy, static files (when changed)
+    local od stamp now
+    od=$(cd / && "$V/python" -c 'import openstack_dashboard, os
+print(os.path.dirname(openstack_dashboard.__file__))')
+    ln -sfn "$A/etc/horizon/local_settings.py" "$od/local/local_settings.py"
+    # the plugin's enabled files and settings snippets (Horizon's plugin convention), replacing
+    # the ones copied before
+    while read -r f; do rm -f "$od/local/$f"; done < <(cat "$A/state/horizon/enabled" 2>/dev/null)
+    : > "$A/state/horizon/enabled"
+    for f in "$AIO_REPO"/cloudlet_dashboard/{enabled,local_settings.d}/_*.py; do
+        [ -f "$f" ] || continue
+        local d; d=$(basename "$(dirname "$f")")
+        cp "$f" "$od/local/$d/"; echo "$d/$(basename "$f")" >> "$A/state/horizon/enabled"
+    done
+    # collectstatic + offline compression take a minute: only when their inputs changed
+    now=$( { cat "$A/etc/horizon/local_settings.py" "$A/state/horizon/enabled" "$A/.installed"
+             if [ -d "$AIO_REPO/cloudlet_dashboard" ]; then
+                 find "$AIO_REPO/cloudlet_dashboard" -type f ! -name '*.pyc' -print0 | sort -z \
+                     | xargs -0 -r cat
+             fi; } | sha256sum | cut -d' ' -f1)
+    stamp=$A/state/horizon/static.stamp
+    [ -d "$A/state/horizon/static" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$now" ] && return 0
+    rm -rf "$A/state/horizon/static"
+    (cd / && DJANGO_SETTINGS_MODULE=openstack_dashboard.settings "$V/django-admin" collectstatic \
+         --noinput -v 0 && DJANGO_SETTINGS_MODULE=openstack_dashboard.settings \
+         "$V/django-admin" compress --force -v 0) > "$A/logs/horizon-static.log" 2>&1 \
+        || die "horizon: collectstatic/compress failed (see $A/logs/horizon-static.log)"
+    echo "$now" > "$stamp"
+}
+
 daemon_start() {  # NAME COMMAND...: output in logs/NAME.out
     local name=$1; shift
     setsid nohup "$@" > "$A/logs/$name.out" 2>&1 &
@@ -120,6 +150,10 @@ start_service() {  # NAME (the stack's files exist: up.sh made them)
                       "OS_NOVA_CONFIG_FILES=api-paste.ini;nova.conf;nova-api.conf" ;;
         cloudlet-api) uwsgi_start cloudlet-api 8790 cloudlet_api.wsgi:application \
                           "CLOUDLET_API_CONFIG=$A/etc/cloudlet/cloudlet-api.conf" ;;
+        horizon)
+            horizon_prepare
+            uwsgi_start horizon 8080 openstack_dashboard.wsgi:application \
+                "UWSGI_STATIC_MAP=/static=$A/state/horizon/static" ;;
         neutron-standin) daemon_start neutron-standin "$V/python" "$AIO_TOOLS/neutron_standin.py" ;;
         nova-conductor|nova-scheduler|nova-compute)
             daemon_start "$1" "$V/$1" --config-file "$A/etc/nova/nova.conf" ;;

@@ -47,7 +47,7 @@ else
     echo "aio: starting what is not running (the stack's data is kept; --fresh starts anew)"
 fi
 # configs are rendered on every start: a changed template applies to the running stack's data
-mkdir -p "$A/etc/cloudlet" "$A/state/cloudlet-api"  # (added after stacks existed)
+mkdir -p "$A/etc/cloudlet" "$A/state/cloudlet-api" "$A/etc/horizon" "$A/state/horizon"  # (added after stacks existed)
 render() { sed -e "s|@AIO_DIR@|$A|g" -e "s|@AIO_VENV@|$AIO_VENV|g" "$AIO_TOOLS/etc/$1" > "$2"; }
 render keystone.conf "$A/etc/keystone/keystone.conf"
 render placement.conf "$A/etc/placement/placement.conf"
@@ -55,6 +55,12 @@ render glance-api.conf "$A/etc/glance/glance-api.conf"
 render nova.conf "$A/etc/nova/nova.conf"
 render nova-api.conf "$A/etc/nova/nova-api.conf"
 render cloudlet-api.conf "$A/etc/cloudlet/cloudlet-api.conf"
+render horizon-local_settings.py "$A/etc/horizon/local_settings.py"
+# the site's cloudlet policy, read by cloudlet-api and Horizon: the defaults, commented out (an
+# operator uncomments a rule to change it); kept across starts
+[ -f "$A/etc/cloudlet/policy.yaml" ] || "$V/oslopolicy-sample-generator" --namespace cloudlet_api \
+    --output-file "$A/etc/cloudlet/policy.yaml" >/dev/null 2>&1 \
+    || die "oslopolicy-sample-generator --namespace cloudlet_api failed"
 # nova-api under uwsgi reads it from there: Nova's, with the cloudlet filter (Nova API actions)
 sed -f "$AIO_REPO/etc/nova-api-paste.sed" "$AIO_VENV/etc/nova/api-paste.ini" \
     > "$A/etc/nova/api-paste.ini"
@@ -100,7 +106,8 @@ if $NEW; then
     step "placement/glance/nova databases"
 fi
 
-for s in placement glance nova-api cloudlet-api neutron-standin nova-conductor nova-scheduler nova-compute; do
+for s in placement glance nova-api cloudlet-api neutron-standin nova-conductor nova-scheduler nova-compute \
+         horizon; do
     ensure "$s"
 done
 registered() {  # (not a pipe into grep -q: with pipefail, nova-manage's SIGPIPE fails it)
