@@ -49,6 +49,13 @@ function configure_cloudlet_api {
     configure_keystone_authtoken_middleware "$CLOUDLET_API_CONF" cloudlet
     # the service's own identity: reads only which compute host runs a server
     configure_keystoneauth "$CLOUDLET_API_CONF" cloudlet service_user
+    # the site's policy file: the defaults, commented out (an operator uncomments a rule to
+    # change it); kept across stacks, as tools/aio/up.sh does
+    if [[ ! -f "$CLOUDLET_CONF_DIR/policy.yaml" ]]; then
+        oslopolicy-sample-generator --namespace cloudlet_api \
+            --output-file "$CLOUDLET_CONF_DIR/policy.yaml"
+    fi
+    iniset "$CLOUDLET_API_CONF" oslo_policy policy_file "$CLOUDLET_CONF_DIR/policy.yaml"
     iniset "$CLOUDLET_API_CONF" glance region_name "$REGION_NAME"
     iniset "$CLOUDLET_API_CONF" nova region_name "$REGION_NAME"
     iniset "$CLOUDLET_API_CONF" oslo_messaging_notifications driver noop

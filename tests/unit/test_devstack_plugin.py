@@ -69,6 +69,8 @@ def run_post_config(tmp: Path, **env: str) -> list[tuple[str, str, str, str]]:
         "REGION_NAME": "RegionOne",
         "ENABLE_DEBUG_LOG_LEVEL": "True",
         "ENABLED_SERVICES": "n-api,n-cpu,cloudlet-api",
+        # DevStack's Python environment: oslopolicy-sample-generator writes the policy file
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         **env,
     }
     script = STUBS + (
