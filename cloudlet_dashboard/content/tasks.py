@@ -15,6 +15,23 @@ TASK_ROW_PREFIX = "task-"
 FAILED_SHOWN_FOR = timedelta(days=1)
 
 
+# the status column of a table whose rows are Glance images (Glance's image status) or tasks
+# still making one ("running", "succeeded" or "error")
+ROW_STATUS_CHOICES = (
+    ("active", True),
+    ("succeeded", True),
+    ("error", False),
+    ("killed", False),
+    ("deleted", False),
+    ("deactivated", False),
+)
+
+
+def is_result(datum: Any) -> bool:
+    """A row of the table's own resource (a base, an overlay), not a task still making it."""
+    return not getattr(datum, "is_task", False)
+
+
 class TaskRow:
     """A table row for a task (import-base, create-base, capture-overlay)."""
 

@@ -13,19 +13,6 @@ from cloudlet_dashboard.api import cloudlet
 from cloudlet_dashboard.content import common, tasks
 
 BASE_TASK_KINDS = ("import-base", "create-base")
-# Glance's image status of a base; a task row is "running", "succeeded" or "error"
-STATUS_CHOICES = (
-    ("active", True),
-    ("succeeded", True),
-    ("error", False),
-    ("killed", False),
-    ("deleted", False),
-    ("deactivated", False),
-)
-
-
-def is_base(datum: Any) -> bool:
-    return not getattr(datum, "is_task", False)
 
 
 class ImportBase(tables.LinkAction):
@@ -55,7 +42,7 @@ class LaunchFromBase(tables.LinkAction):
     policy_rules = (("compute", "os_compute_api:servers:create"),)
 
     def allowed(self, request: Any, datum: Any = None) -> bool:
-        return datum is not None and is_base(datum) and datum.status == "active"
+        return datum is not None and tasks.is_result(datum) and datum.status == "active"
 
 
 class ExportBase(tables.LinkAction):
@@ -66,7 +53,7 @@ class ExportBase(tables.LinkAction):
     policy_rules = (("cloudlet", "cloudlet:base:export"),)
 
     def allowed(self, request: Any, datum: Any = None) -> bool:
-        return datum is not None and is_base(datum) and datum.status == "active"
+        return datum is not None and tasks.is_result(datum) and datum.status == "active"
 
 
 class DeleteBase(tables.DeleteAction):
@@ -82,7 +69,7 @@ class DeleteBase(tables.DeleteAction):
         return ngettext_lazy("Deleted Base VM", "Deleted Base VMs", count)
 
     def allowed(self, request: Any, datum: Any = None) -> bool:
-        return datum is None or is_base(datum)
+        return datum is None or tasks.is_result(datum)
 
     def delete(self, request: Any, obj_id: str) -> None:
         try:
@@ -108,7 +95,7 @@ class UpdateRow(tables.Row):
 
 
 def disk_size(datum: Any) -> str:
-    if not is_base(datum):
+    if not tasks.is_result(datum):
         return "-"
     size = datum.disk_size or datum.size
     return filesizeformat(size) if size else "-"
@@ -116,7 +103,7 @@ def disk_size(datum: Any) -> str:
 
 def memory_size(datum: Any) -> str:
     """The memory image's size (what a host fetches), else the guest RAM the image asks for."""
-    if not is_base(datum):
+    if not tasks.is_result(datum):
         return "-"
     if datum.memory_size:
         return filesizeformat(datum.memory_size)
@@ -126,7 +113,7 @@ def memory_size(datum: Any) -> str:
 def configuration(datum: Any) -> str:
     """Machine type, vCPUs, RAM and CPU model the memory snapshot was saved with: what a host
     must offer to resume it."""
-    config = datum.configuration if is_base(datum) else None
+    config = datum.configuration if tasks.is_result(datum) else None
     if not config:
         return "-"
     parts = [
@@ -141,16 +128,16 @@ def configuration(datum: Any) -> str:
 
 def cached_on(datum: Any) -> str:
     """Compute hosts holding the base in their cache (absent when policy hides host names)."""
-    hosts = datum.cached_on if is_base(datum) else None
+    hosts = datum.cached_on if tasks.is_result(datum) else None
     return ", ".join(hosts) if hosts else "-"
 
 
 def activity(datum: Any) -> str:
-    return datum.activity if not is_base(datum) else "-"
+    return datum.activity if not tasks.is_result(datum) else "-"
 
 
 def detail_link(datum: Any) -> str | None:
-    if not is_base(datum):
+    if not tasks.is_result(datum):
         return None
     return reverse("horizon:project:cloudlet_bases:detail", args=[datum.id])
 
@@ -169,7 +156,7 @@ class BasesTable(tables.DataTable):
         "status",
         verbose_name=_("Status"),
         status=True,
-        status_choices=STATUS_CHOICES,
+        status_choices=tasks.ROW_STATUS_CHOICES,
         filters=(title, filters.replace_underscores),
     )
     task = tables.WrappingColumn(activity, verbose_name=_("Task"))

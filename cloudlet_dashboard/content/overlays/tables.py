@@ -13,18 +13,6 @@ from cloudlet_dashboard.api import cloudlet
 from cloudlet_dashboard.content import common, tasks
 
 OVERLAY_TASK_KINDS = ("capture-overlay",)
-STATUS_CHOICES = (
-    ("active", True),
-    ("succeeded", True),
-    ("error", False),
-    ("killed", False),
-    ("deleted", False),
-    ("deactivated", False),
-)
-
-
-def is_overlay(datum: Any) -> bool:
-    return not getattr(datum, "is_task", False)
 
 
 class CreateOverlay(tables.LinkAction):
@@ -45,7 +33,7 @@ class Synthesize(tables.LinkAction):
     policy_rules = (("cloudlet", "cloudlet:synthesis:create"),)
 
     def allowed(self, request: Any, datum: Any = None) -> bool:
-        return datum is not None and is_overlay(datum) and datum.status == "active"
+        return datum is not None and tasks.is_result(datum) and datum.status == "active"
 
 
 class DownloadOverlay(tables.LinkAction):
@@ -56,7 +44,7 @@ class DownloadOverlay(tables.LinkAction):
     policy_rules = (("cloudlet", "cloudlet:overlay:download"),)
 
     def allowed(self, request: Any, datum: Any = None) -> bool:
-        return datum is not None and is_overlay(datum) and datum.status == "active"
+        return datum is not None and tasks.is_result(datum) and datum.status == "active"
 
 
 class DeleteOverlay(tables.DeleteAction):
@@ -72,7 +60,7 @@ class DeleteOverlay(tables.DeleteAction):
         return ngettext_lazy("Deleted Overlay", "Deleted Overlays", count)
 
     def allowed(self, request: Any, datum: Any = None) -> bool:
-        return datum is None or is_overlay(datum)
+        return datum is None or tasks.is_result(datum)
 
     def delete(self, request: Any, obj_id: str) -> None:
         try:
@@ -147,15 +135,15 @@ def access_ordered(datum: Any) -> str:
 
 
 def file_size(datum: Any) -> str:
-    return filesizeformat(datum.size) if is_overlay(datum) and datum.size else "-"
+    return filesizeformat(datum.size) if tasks.is_result(datum) and datum.size else "-"
 
 
 def activity(datum: Any) -> str:
-    return datum.activity if not is_overlay(datum) else "-"
+    return datum.activity if not tasks.is_result(datum) else "-"
 
 
 def detail_link(datum: Any) -> str | None:
-    if not is_overlay(datum):
+    if not tasks.is_result(datum):
         return None
     return reverse("horizon:project:cloudlet_overlays:detail", args=[datum.id])
 
@@ -184,7 +172,7 @@ class OverlaysTable(tables.DataTable):
         "status",
         verbose_name=_("Status"),
         status=True,
-        status_choices=STATUS_CHOICES,
+        status_choices=tasks.ROW_STATUS_CHOICES,
         filters=(title, filters.replace_underscores),
     )
     task = tables.WrappingColumn(activity, verbose_name=_("Task"))
